@@ -1,0 +1,71 @@
+"""Input checks shared by every loss and backend.
+
+The structural checks (types, ranks, shapes, devices) cost nothing and always run. The value checks
+(labels in range, finite embeddings) read the data, which on CUDA means a host synchronisation; the
+``validate=False`` switch turns them off for speed. Without them a kernel would read out of bounds
+or return NaN, so they are on by default.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_inputs(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    proxies: torch.Tensor,
+    proxies_per_class: int,
+    validate: bool = True,
+) -> int:
+    """Check the tensors of one loss call; return the number of classes ``C``."""
+    for name, t in (("embeddings", embeddings), ("labels", labels), ("proxies", proxies)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if embeddings.dim() != 2:
+        raise ValueError(f"embeddings must have shape (N, d), got {tuple(embeddings.shape)}")
+    if proxies.dim() != 2:
+        raise ValueError(f"proxies must have shape (C * K, d), got {tuple(proxies.shape)}")
+    if labels.dim() != 1:
+        raise ValueError(f"labels must have shape (N,), got {tuple(labels.shape)}")
+    if not embeddings.is_floating_point():
+        raise TypeError(f"embeddings must be a floating-point tensor, got {embeddings.dtype}")
+    if not proxies.is_floating_point():
+        raise TypeError(f"proxies must be a floating-point tensor, got {proxies.dtype}")
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    n = embeddings.shape[0]
+    if n == 0:
+        raise ValueError("empty batch: embeddings has no rows")
+    if labels.shape[0] != n:
+        raise ValueError(f"embeddings has {n} rows but labels has {labels.shape[0]} entries")
+    if embeddings.shape[1] != proxies.shape[1]:
+        raise ValueError(
+            f"embedding size {embeddings.shape[1]} differs from the proxies' {proxies.shape[1]}"
+        )
+    if embeddings.shape[1] == 0:
+        raise ValueError("embedding size must be at least 1")
+    if embeddings.device != proxies.device or embeddings.device != labels.device:
+        raise ValueError(
+            "embeddings, labels and proxies must be on one device, got "
+            f"{embeddings.device}, {labels.device} and {proxies.device}"
+        )
+    if proxies.shape[0] % proxies_per_class:
+        raise ValueError(
+            f"proxies has {proxies.shape[0]} rows, not a multiple of proxies_per_class="
+            f"{proxies_per_class}"
+        )
+    num_classes = proxies.shape[0] // proxies_per_class
+    if num_classes < 2:
+        raise ValueError(f"need at least 2 classes, got {num_classes}")
+    if validate:
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(
+                f"labels must lie in [0, {num_classes}), got values in [{lo}, {hi}]"
+            )
+        if not bool(torch.isfinite(embeddings).all()):
+            raise ValueError("embeddings contain NaN or infinite values")
+        if not bool(torch.isfinite(proxies).all()):
+            raise ValueError("proxies contain NaN or infinite values")
+    return num_classes

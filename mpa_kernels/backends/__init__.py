@@ -1,0 +1,92 @@
+"""Backend registry and the ``backend="auto"`` rule.
+
+A backend is a module in this package that defines
+
+* ``similarity_loss(x_hat, w_hat, labels, spec) -> Tensor``: the scalar similarity term of
+  ``spec.loss`` (see :mod:`mpa_kernels._spec`), differentiable in ``x_hat`` and ``w_hat``;
+* ``unavailable_reason(device: torch.device) -> str | None``: why it cannot run on that device
+  (``None`` when it can);
+* ``LOW_PRECISION``: ``True`` if it computes fp16/bf16 inputs itself (accumulating in fp32);
+  otherwise the front end hands it fp32 copies.
+
+Modules are imported lazily, so a backend whose dependencies are missing (Triton on macOS, say)
+costs nothing until it is asked for, and then fails with a message that says why.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("reference", "torch", "triton", "triton-linear", "auto")
+
+_MODULES = {
+    "reference": "mpa_kernels.backends.reference",
+    "torch": "mpa_kernels.backends.torch_chunked",
+    "triton": "mpa_kernels.backends.triton_s",
+    "triton-linear": "mpa_kernels.backends.triton_linear",
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend exists but cannot run here (no GPU, Triton missing, ...)."""
+
+
+def check_backend_name(name: str) -> None:
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+
+
+def _load(name: str) -> ModuleType | None:
+    """The backend's module, or ``None`` if this version of the library does not ship it."""
+    try:
+        return importlib.import_module(_MODULES[name])
+    except ModuleNotFoundError as err:
+        if err.name == _MODULES[name]:
+            return None
+        raise
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def auto_backend(device: torch.device) -> str:
+    """The rule behind ``backend="auto"``: the fastest backend that can run on ``device``.
+
+    CUDA tensors go to the Triton kernels; CPU tensors to the chunked PyTorch backend (or to the
+    Triton kernels when ``TRITON_INTERPRET=1`` asks for the interpreter). A backend this version
+    does not ship is skipped, down to the reference, which runs everywhere.
+    """
+    if device.type == "cuda":
+        preference = ("triton", "torch", "reference")
+    elif _interpreting():
+        preference = ("triton", "torch", "reference")
+    else:
+        preference = ("torch", "reference")
+    for name in preference:
+        module = _load(name)
+        if module is not None and module.unavailable_reason(device) is None:
+            return name
+    return "reference"
+
+
+def resolve(name: str, device: torch.device) -> ModuleType:
+    """The module implementing backend ``name`` on ``device``; a clear error if there is none."""
+    check_backend_name(name)
+    if name == "auto":
+        name = auto_backend(device)
+    module = _load(name)
+    if module is None:
+        available = [n for n in _MODULES if _load(n) is not None]
+        raise BackendUnavailableError(
+            f"backend {name!r} is not implemented in this version of mpa-kernels; "
+            f"available backends: {available}"
+        )
+    reason = module.unavailable_reason(device)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend {name!r} cannot run on {device}: {reason}")
+    return module

@@ -1,0 +1,196 @@
+"""The losses as functions that take the proxies as an argument.
+
+Every function normalises ``embeddings`` (N, d) and ``proxies`` (C * K, d; row ``c * K + k`` is proxy
+``k`` of class ``c``), hands them to the chosen backend for the similarity term, and adds
+``tau`` times the proxy regulariser (eq. 3). Under autocast the loss is computed in fp32 (fp64 inputs
+stay fp64); gradients come back in the dtype of each input.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mpa_kernels._checks import check_inputs
+from mpa_kernels._spec import LossSpec, check_loss_hyperparameters
+from mpa_kernels.backends import check_backend_name, resolve
+
+__all__ = [
+    "mpa_loss",
+    "mpa_dw_loss",
+    "mpa_ap_loss",
+    "soft_triple_loss",
+    "proxy_anchor_loss",
+    "proxy_nca_loss",
+    "proxy_regularizer",
+]
+
+_REGULARIZER_EPS = 1e-12
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def proxy_regularizer(proxies: torch.Tensor, proxies_per_class: int) -> torch.Tensor:
+    """Eq. 3: mean over same-class proxy pairs ``t < s`` of ``sqrt(2 - 2 w_cs . w_ct)``.
+
+    Normalised by ``C * K * (K - 1)`` as in the paper (twice the number of pairs), with a tiny
+    constant under the root so that identical proxies have a finite gradient. Zero for ``K = 1``.
+    """
+    k = proxies_per_class
+    if k == 1:
+        return proxies.new_zeros(())
+    w = F.normalize(proxies, dim=1).view(-1, k, proxies.shape[1])
+    sims = torch.bmm(w, w.transpose(1, 2))
+    upper = torch.ones(k, k, dtype=torch.bool, device=proxies.device).triu(1)
+    dist = torch.sqrt(2.0 - 2.0 * sims[:, upper].clamp(max=1.0) + _REGULARIZER_EPS)
+    return dist.sum() / (w.shape[0] * k * (k - 1))
+
+
+def _proxy_loss(
+    loss: str,
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    proxies: torch.Tensor,
+    proxies_per_class: int,
+    alpha: float,
+    delta: float,
+    gamma: float,
+    tau: float,
+    similarity: str,
+    backend: str,
+    validate: bool,
+) -> torch.Tensor:
+    check_backend_name(backend)
+    if isinstance(proxies_per_class, bool) or not isinstance(proxies_per_class, int):
+        raise TypeError(f"proxies_per_class must be an int, got {type(proxies_per_class).__name__}")
+    if proxies_per_class < 1:
+        raise ValueError(f"proxies_per_class must be >= 1, got {proxies_per_class}")
+    num_classes = check_inputs(embeddings, labels, proxies, proxies_per_class, validate)
+    check_loss_hyperparameters(
+        loss, num_classes, proxies_per_class, alpha, delta, gamma, tau, similarity
+    )
+    spec = LossSpec(loss, num_classes, proxies_per_class, float(alpha), float(delta),
+                    float(gamma), similarity)
+    impl = resolve(backend, embeddings.device)
+    dtype = torch.promote_types(embeddings.dtype, proxies.dtype)
+    if dtype in _HALF and not impl.LOW_PRECISION:
+        dtype = torch.float32
+    with torch.autocast(device_type=embeddings.device.type, enabled=False):
+        x_hat = F.normalize(embeddings.to(dtype), dim=1)
+        w_hat = F.normalize(proxies.to(dtype), dim=1)
+        value = impl.similarity_loss(x_hat, w_hat, labels.long(), spec)
+        if tau and proxies_per_class > 1:
+            reg_dtype = torch.float32 if dtype in _HALF else dtype
+            value = value + tau * proxy_regularizer(proxies.to(reg_dtype), proxies_per_class)
+    return value
+
+
+def mpa_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    proxies: torch.Tensor,
+    *,
+    proxies_per_class: int,
+    alpha: float = 32.0,
+    delta: float = 0.1,
+    gamma: float = 0.1,
+    tau: float = 0.2,
+    similarity: str = "softmax",
+    backend: str = "auto",
+    validate: bool = True,
+) -> torch.Tensor:
+    """MPA loss (eq. 6-7), class-wise: one log-sum-exp per class over the batch."""
+    return _proxy_loss("mpa", embeddings, labels, proxies, proxies_per_class, alpha, delta,
+                       gamma, tau, similarity, backend, validate)
+
+
+def mpa_dw_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    proxies: torch.Tensor,
+    *,
+    proxies_per_class: int,
+    alpha: float = 32.0,
+    delta: float = 0.1,
+    gamma: float = 0.1,
+    tau: float = 0.2,
+    similarity: str = "softmax",
+    backend: str = "auto",
+    validate: bool = True,
+) -> torch.Tensor:
+    """MPA-DW loss (eq. 12-13), data-wise: a softplus for the positive class and one log-sum-exp
+    per sample over the negative classes."""
+    return _proxy_loss("mpa_dw", embeddings, labels, proxies, proxies_per_class, alpha, delta,
+                       gamma, tau, similarity, backend, validate)
+
+
+def mpa_ap_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    proxies: torch.Tensor,
+    *,
+    proxies_per_class: int,
+    alpha: float = 32.0,
+    delta: float = 0.1,
+    gamma: float = 0.1,
+    tau: float = 0.2,
+    similarity: str = "softmax",
+    backend: str = "auto",
+    validate: bool = True,
+) -> torch.Tensor:
+    """MPA-AP loss (eq. 15-17), data-wise over all pairs: one log-sum-exp per sample over every
+    class, the positive one with its similarity flipped (``delta - S``)."""
+    return _proxy_loss("mpa_ap", embeddings, labels, proxies, proxies_per_class, alpha, delta,
+                       gamma, tau, similarity, backend, validate)
+
+
+def soft_triple_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    proxies: torch.Tensor,
+    *,
+    proxies_per_class: int,
+    alpha: float = 20.0,
+    delta: float = 0.01,
+    gamma: float = 0.1,
+    tau: float = 0.2,
+    similarity: str = "softmax",
+    backend: str = "auto",
+    validate: bool = True,
+) -> torch.Tensor:
+    """SoftTriple loss (eq. 2-4), batch mean. ``alpha`` is SoftTriple's ``lambda``; defaults are
+    SoftTriple's paper's."""
+    return _proxy_loss("soft_triple", embeddings, labels, proxies, proxies_per_class, alpha,
+                       delta, gamma, tau, similarity, backend, validate)
+
+
+def proxy_anchor_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    proxies: torch.Tensor,
+    *,
+    alpha: float = 32.0,
+    delta: float = 0.1,
+    backend: str = "auto",
+    validate: bool = True,
+) -> torch.Tensor:
+    """ProxyAnchor loss: one proxy per class (``proxies`` is ``(C, d)``); MPA with K = 1, tau = 0."""
+    return _proxy_loss("proxy_anchor", embeddings, labels, proxies, 1, alpha, delta, 0.1, 0.0,
+                       "softmax", backend, validate)
+
+
+def proxy_nca_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    proxies: torch.Tensor,
+    *,
+    scale: float = 9.0,
+    backend: str = "auto",
+    validate: bool = True,
+) -> torch.Tensor:
+    """ProxyNCA loss (ProxyNCA++ / pytorch-metric-learning form): softmax cross-entropy over
+    ``-scale * ||x_hat - w_hat_c||^2``, one proxy per class (``proxies`` is ``(C, d)``)."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"scale must be a positive number, got {scale!r}")
+    # -scale * ||x - w||^2 = 2 * scale * s - 2 * scale for unit vectors; the constant cancels.
+    return _proxy_loss("proxy_nca", embeddings, labels, proxies, 1, 2.0 * scale, 0.0, 0.1, 0.0,
+                       "softmax", backend, validate)

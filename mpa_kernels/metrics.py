@@ -1,0 +1,1 @@
+"""Retrieval metrics (placeholder until the metrics module lands in this same change)."""
