@@ -50,23 +50,20 @@ def _load(name: str) -> ModuleType | None:
         raise
 
 
-def _interpreting() -> bool:
+def triton_interpreting() -> bool:
+    """Whether Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def auto_backend(device: torch.device) -> str:
     """The rule behind ``backend="auto"``: the fastest backend that can run on ``device``.
 
-    CUDA tensors go to the Triton kernels; CPU tensors to the chunked PyTorch backend (or to the
-    Triton kernels when ``TRITON_INTERPRET=1`` asks for the interpreter). A backend this version
-    does not ship is skipped, down to the reference, which runs everywhere.
+    CUDA tensors go to the Triton kernels, CPU tensors to the chunked PyTorch backend. The Triton
+    interpreter (``TRITON_INTERPRET=1``) is for testing and is only used when ``"triton"`` or
+    ``"triton-linear"`` is asked for by name. A backend this version does not ship is skipped, down
+    to the reference, which runs everywhere.
     """
-    if device.type == "cuda":
-        preference = ("triton", "torch", "reference")
-    elif _interpreting():
-        preference = ("triton", "torch", "reference")
-    else:
-        preference = ("torch", "reference")
+    preference = ("triton", "torch", "reference") if device.type == "cuda" else ("torch", "reference")
     for name in preference:
         module = _load(name)
         if module is not None and module.unavailable_reason(device) is None:
