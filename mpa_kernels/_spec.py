@@ -52,7 +52,7 @@ class LossSpec:
         return self.loss in COLUMN_WISE
 
 
-def _check_number(name: str, value, *, positive: bool = False, nonnegative: bool = False) -> None:
+def check_number(name: str, value, *, positive: bool = False, nonnegative: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if not math.isfinite(value):
@@ -85,9 +85,9 @@ def check_loss_hyperparameters(
         raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
     _check_int("num_classes", num_classes, 2)
     _check_int("proxies_per_class", proxies_per_class, 1)
-    _check_number("alpha", alpha, positive=True)
-    _check_number("delta", delta)
-    _check_number("gamma", gamma, positive=True)
-    _check_number("tau", tau, nonnegative=True)
+    check_number("alpha", alpha, positive=True)
+    check_number("delta", delta)
+    check_number("gamma", gamma, positive=True)
+    check_number("tau", tau, nonnegative=True)
     if not isinstance(similarity, str) or similarity not in SIMILARITIES:
         raise ValueError(f"unknown similarity {similarity!r}; expected one of {SIMILARITIES}")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mpa_kernels._checks import check_inputs
-from mpa_kernels._spec import LossSpec, check_loss_hyperparameters
+from mpa_kernels._spec import LossSpec, check_loss_hyperparameters, check_number
 from mpa_kernels.backends import check_backend_name, resolve
 
 __all__ = [
@@ -189,8 +189,7 @@ def proxy_nca_loss(
 ) -> torch.Tensor:
     """ProxyNCA loss (ProxyNCA++ / pytorch-metric-learning form): softmax cross-entropy over
     ``-scale * ||x_hat - w_hat_c||^2``, one proxy per class (``proxies`` is ``(C, d)``)."""
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-        raise ValueError(f"scale must be a positive number, got {scale!r}")
+    check_number("scale", scale, positive=True)
     # -scale * ||x - w||^2 = 2 * scale * s - 2 * scale for unit vectors; the constant cancels.
     return _proxy_loss("proxy_nca", embeddings, labels, proxies, 1, 2.0 * scale, 0.0, 0.1, 0.0,
                        "softmax", backend, validate)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mpa_kernels import functional
-from mpa_kernels._spec import check_loss_hyperparameters
+from mpa_kernels._spec import check_loss_hyperparameters, check_number
 from mpa_kernels.backends import BackendUnavailableError, _load, check_backend_name
 
 __all__ = [
@@ -185,8 +185,7 @@ class ProxyNCALoss(_ProxyLoss):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
+        check_number("scale", scale, positive=True)
         super().__init__(num_classes, embedding_size, 1, 2.0 * scale, 0.0, 0.1, 0.0, "softmax",
                          backend, validate, device, dtype)
         self.scale = scale

@@ -50,7 +50,9 @@ def log1p_sum_exp(z: torch.Tensor, mask: torch.Tensor | None = None, dim: int = 
     """
     if mask is not None:
         z = z.masked_fill(~mask, float("-inf"))
-    zero = torch.zeros_like(z.narrow(dim, 0, 1))
+    shape = list(z.shape)
+    shape[dim] = 1
+    zero = z.new_zeros(shape)
     return torch.logsumexp(torch.cat([zero, z], dim=dim), dim=dim)
 
 
