@@ -1,0 +1,160 @@
+"""Triton device helpers shared by every loss kernel.
+
+Both kernel levels import these: the kernels over a materialised similarity tensor
+(:mod:`mpa_kernels.kernels.similarity`) and the fused-linear kernels that compute tiles of
+``x_hat @ w_hat.T`` themselves (:mod:`mpa_kernels.kernels.linear`). They are ``@triton.jit``
+functions, inlined into the caller, that work on register tiles in fp32; loading, masking of
+out-of-range rows and classes, and storing stay with the caller.
+
+Tile convention: a tile of similarities is ``s[BLOCK_ROWS, BLOCK_CLASSES, K_PAD]`` in fp32, with
+``s[r, c, k] = x_hat[row r] . w_hat[class c * K + k]`` and ``K_PAD = next_power_of_2(K)``. Lanes
+``k >= K`` are padding: the caller passes ``k_valid`` (``tl.arange(0, K_PAD)[None, None, :] < K``)
+and may load anything there (0 is usual). A kernel that produces the tile flat, as
+``[BLOCK_ROWS, BLOCK_CLASSES * K_PAD]`` (a ``tl.dot`` output over padded proxy rows), reshapes it
+with ``tl.reshape(tile, (BLOCK_ROWS, BLOCK_CLASSES, K_PAD))`` first.
+
+The helpers, in the order a kernel uses them:
+
+* :func:`class_similarity` -- eq. 1 and its alternatives: the reduction over the K proxies of a
+  class, ``S[r, c]``, plus the weights ``q`` the backward pass needs.
+* :func:`class_similarity_vjp` -- ``ds = dS/ds * dL/dS`` for a tile, from ``q`` and ``S``.
+* :func:`loss_logits` -- the per-loss logit ``z = alpha * (sign * S + offset)`` where sign and
+  offset depend on whether ``(r, c)`` is a positive pair, and ``dz/dS / alpha`` (the sign).
+* :func:`online_lse_update` / :func:`lse_finalize` -- a running log-sum-exp (running max, running
+  sum) along one axis of a 2-D tile of logits; the implicit zero logit of ``log(1 + sum e^z)`` is
+  the starting state ``(m, l) = (0, 1)``.
+* :func:`softplus` -- ``log(1 + e^z)``, the log-sum-exp with a zero logit of a single logit.
+
+Switches are ``tl.constexpr`` codes, the same numbers on the host: :data:`LOSS_CODES` and
+:data:`SIMILARITY_CODES`.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Loss kinds, as kernels see them. ProxyAnchor is MPA with K = 1; ProxyNCA arrives in SoftTriple's
+# form (cross-entropy over alpha * S, delta = 0, K = 1), see mpa_kernels/_spec.py.
+LOSS_MPA = tl.constexpr(0)  # column-wise: one LSE per class over its positives, one over negatives
+LOSS_MPA_DW = tl.constexpr(1)  # row-wise: softplus of the positive + LSE0 over the negatives
+LOSS_MPA_AP = tl.constexpr(2)  # row-wise: LSE0 over every class, the positive's similarity flipped
+LOSS_SOFT_TRIPLE = tl.constexpr(3)  # row-wise: cross-entropy, no zero logit
+
+LOSS_CODES = {
+    "mpa": LOSS_MPA.value,
+    "proxy_anchor": LOSS_MPA.value,
+    "mpa_dw": LOSS_MPA_DW.value,
+    "mpa_ap": LOSS_MPA_AP.value,
+    "soft_triple": LOSS_SOFT_TRIPLE.value,
+    "proxy_nca": LOSS_SOFT_TRIPLE.value,
+}
+
+SIM_SOFTMAX = tl.constexpr(0)
+SIM_MAX = tl.constexpr(1)
+SIM_MEAN = tl.constexpr(2)
+
+SIMILARITY_CODES = {"softmax": SIM_SOFTMAX.value, "max": SIM_MAX.value, "mean": SIM_MEAN.value}
+
+
+@triton.jit
+def class_similarity(s, k_valid, inv_gamma, K, SIM: tl.constexpr):
+    """Class similarity ``S[r, c]`` of a ``[R, C, K_PAD]`` fp32 tile, eq. 1 and its alternatives.
+
+    Returns ``(S, q)``: ``S`` is ``[R, C]`` and ``q`` the ``[R, C, K_PAD]`` weights with
+    ``S = sum_k q * s`` (0 on padding lanes), kept for :func:`class_similarity_vjp`.
+
+    * ``SIM_SOFTMAX``: ``q = softmax_k(s / gamma)`` (``inv_gamma = 1 / gamma``), eq. 1.
+    * ``SIM_MAX``: ``q`` is one-hot at the first maximal proxy (torch's ``max`` sends its
+      gradient to one index; ties have measure zero in practice).
+    * ``SIM_MEAN``: ``q = 1 / K``.
+
+    ``K`` is the number of real proxies (a runtime int or constexpr); ``k_valid`` the padding mask,
+    broadcastable to the tile. With K = 1 every mode gives ``S = s``.
+    """
+    if SIM == SIM_SOFTMAX:
+        t = tl.where(k_valid, s * inv_gamma, float("-inf"))
+        t_max = tl.max(t, axis=2)
+        e = tl.exp(t - tl.expand_dims(t_max, 2))
+        q = e / tl.expand_dims(tl.sum(e, axis=2), 2)
+    elif SIM == SIM_MAX:
+        masked = tl.where(k_valid, s, float("-inf"))
+        s_max = tl.max(masked, axis=2)
+        k_idx = tl.arange(0, s.shape[2])[None, None, :]
+        first = tl.min(tl.where(masked == tl.expand_dims(s_max, 2), k_idx, s.shape[2]), axis=2)
+        q = tl.where(k_idx == tl.expand_dims(first, 2), 1.0, 0.0)
+    else:
+        q = tl.where(k_valid, 1.0 / K, 0.0)
+    S = tl.sum(q * s, axis=2)
+    return S, q
+
+
+@triton.jit
+def class_similarity_vjp(s, q, S, dS, inv_gamma, SIM: tl.constexpr):
+    """``ds[r, c, k] = dS[r, c] * dS_rc/ds_rck`` for the tile ``s`` and ``(S, q)`` from
+    :func:`class_similarity`; 0 on padding lanes (``q`` is 0 there).
+
+    Softmax (eq. 1): ``S = sum_k p_k s_k`` with ``p = softmax(s / gamma)``, and
+    ``dp_j/ds_k = p_j (1[j = k] - p_k) / gamma``, so
+    ``dS/ds_k = p_k + sum_j s_j p_j (1[j = k] - p_k) / gamma = p_k (1 + (s_k - S) / gamma)``.
+    Max and mean: ``dS/ds_k = q_k`` (one-hot, or ``1 / K``).
+    """
+    if SIM == SIM_SOFTMAX:
+        jac = q * (1.0 + (s - tl.expand_dims(S, 2)) * inv_gamma)
+    else:
+        jac = q
+    return jac * tl.expand_dims(dS, 2)
+
+
+@triton.jit
+def loss_logits(S, is_pos, alpha, delta, LOSS: tl.constexpr):
+    """The logit ``z = alpha * (sign * S + offset)`` of each ``(row, class)`` pair of a 2-D tile.
+
+    Returns ``(z, sign)`` with ``dz/dS = alpha * sign``; ``is_pos`` is ``label[row] == class``.
+
+    * MPA, MPA-DW, MPA-AP (eq. 6, 12, 15): positives ``-alpha (S - delta)``, negatives
+      ``alpha (S + delta)``: sign -1 / +1, offset ``delta`` for both.
+    * SoftTriple (eq. 2; ProxyNCA with delta = 0): positives ``alpha (S - delta)``, negatives
+      ``alpha S``: sign +1, offset ``-delta`` / 0.
+
+    Which logits enter which log-sum-exp (and whether with a zero logit) is the kernel's business.
+    """
+    if LOSS == LOSS_SOFT_TRIPLE:
+        sign = tl.full(S.shape, 1.0, tl.float32)
+        z = alpha * (S - tl.where(is_pos, delta, 0.0))
+    else:
+        sign = tl.where(is_pos, -1.0, 1.0)
+        z = alpha * (sign * S + delta)
+    return z, sign
+
+
+@triton.jit
+def online_lse_update(m, l, z, include, AXIS: tl.constexpr):
+    """One step of a running log-sum-exp along ``AXIS`` (0 or 1) of the 2-D logits ``z``.
+
+    ``(m, l)`` is the running state, 1-D over the other axis: the log-sum-exp so far is
+    ``m + log(l)``. Only entries with ``include`` count. Start from ``m = 0, l = 1`` to get
+    ``log(1 + sum e^z)`` (the implicit zero logit), or from ``m = -inf, l = 0`` for a plain
+    log-sum-exp (an empty one finalises to ``-inf``). ``m`` never decreases and every exponent is
+    ``<= 0``, so nothing overflows whatever alpha is.
+
+    Returns the new ``(m, l)``.
+    """
+    zm = tl.where(include, z, float("-inf"))
+    m_new = tl.maximum(m, tl.max(zm, axis=AXIS))
+    # While nothing has been included m_new is -inf; shift by 0 then so that exp(-inf) = 0, not NaN.
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    l_new = l * tl.exp(m - shift) + tl.sum(tl.exp(zm - tl.expand_dims(shift, AXIS)), axis=AXIS)
+    return m_new, l_new
+
+
+@triton.jit
+def lse_finalize(m, l):
+    """``m + log(l)``: the log-sum-exp of an :func:`online_lse_update` state (``-inf`` if empty)."""
+    return m + tl.log(l)
+
+
+@triton.jit
+def softplus(z):
+    """``log(1 + e^z)`` without overflow: ``max(z, 0) + log(1 + e^-|z|)``."""
+    return tl.maximum(z, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(z)))
