@@ -1,0 +1,71 @@
+"""The ``"triton-linear"`` backend: the loss straight from ``x_hat`` and ``w_hat``, no N x C*K tensor.
+
+Fused-linear Triton kernels (:mod:`mpa_kernels.kernels.linear`) compute tiles of
+``x_hat @ w_hat.T`` with ``tl.dot`` (fp32 accumulation), reduce them at once and keep O(N + C)
+statistics; the backward recomputes the tiles. fp16/bf16 inputs stay in their dtype, fp32 uses TF32
+when allowed, fp64 is computed in fp32 and the loss comes back in fp64.
+
+Settings (module attributes, read at each call; keyword arguments of :func:`similarity_loss`
+override them):
+
+* ``DETERMINISTIC`` (``None``: follow ``torch.are_deterministic_algorithms_enabled()``): no
+  order-dependent atomics in the backward, at the price of recomputing s once more (5 instead of 4
+  GEMM-equivalents per forward + backward).
+* ``FILTER_EPS`` (``0.0``, off): skip the gradient products of backward tiles whose class-level
+  weights are all below it (Cut Cross-Entropy-style gradient filtering; the loss stays exact, the
+  gradients lose at most the documented amount, see :mod:`mpa_kernels.kernels.linear`).
+* ``ALLOW_TF32`` (``None``: follow ``torch.backends.cuda.matmul.allow_tf32``): TF32 dots for fp32.
+
+Runs on CUDA, and on CPU through the Triton interpreter when ``TRITON_INTERPRET=1`` was set before
+Triton was imported (slow; meant for tests).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from mpa_kernels._spec import LossSpec
+from mpa_kernels.backends import triton_interpreting
+
+LOW_PRECISION = True
+
+DETERMINISTIC: bool | None = None
+FILTER_EPS: float = 0.0
+ALLOW_TF32: bool | None = None
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (pip install triton; Linux only)"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and triton_interpreting():
+        return None
+    if device.type == "cpu":
+        return ("Triton kernels need a CUDA GPU; on CPU they run only through the interpreter, "
+                "with TRITON_INTERPRET=1 set before the first import of triton (slow, for "
+                "testing). Use backend='torch' on CPU.")
+    return f"Triton kernels run on CUDA devices, not {device.type}"
+
+
+def similarity_loss(
+    x_hat: torch.Tensor,
+    w_hat: torch.Tensor,
+    labels: torch.Tensor,
+    spec: LossSpec,
+    *,
+    deterministic: bool | None = None,
+    filter_eps: float | None = None,
+    allow_tf32: bool | None = None,
+) -> torch.Tensor:
+    from mpa_kernels.kernels.linear import fused_linear_loss
+
+    value = fused_linear_loss(
+        x_hat, w_hat, labels, spec,
+        deterministic=DETERMINISTIC if deterministic is None else deterministic,
+        filter_eps=FILTER_EPS if filter_eps is None else filter_eps,
+        allow_tf32=ALLOW_TF32 if allow_tf32 is None else allow_tf32,
+    )
+    return value.to(torch.promote_types(value.dtype, x_hat.dtype))
