@@ -25,8 +25,11 @@ The helpers, in the order a kernel uses them:
   the starting state ``(m, l) = (0, 1)``.
 * :func:`softplus` -- ``log(1 + e^z)``, the log-sum-exp with a zero logit of a single logit.
 
-Switches are ``tl.constexpr`` codes, the same numbers on the host: :data:`LOSS_CODES` and
-:data:`SIMILARITY_CODES`.
+Switches are integer codes, the same numbers on the host: :data:`LOSS_CODES` (pass as
+``tl.constexpr``) and :data:`SIMILARITY_CODES`. The similarity mode ``SIM`` may be a
+``tl.constexpr`` or a runtime ``i32``: a branch on a uniform scalar costs nothing next to the tile's
+loads, and the similarity kernels take it at runtime so that the variants compiled for CI
+(3 dtypes x 2 architectures x losses x K_PAD) stay within the compile budget.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ SIMILARITY_CODES = {"softmax": SIM_SOFTMAX.value, "max": SIM_MAX.value, "mean": 
 
 
 @triton.jit
-def class_similarity(s, k_valid, inv_gamma, K, SIM: tl.constexpr):
+def class_similarity(s, k_valid, inv_gamma, K, SIM):
     """Class similarity ``S[r, c]`` of a ``[R, C, K_PAD]`` fp32 tile, eq. 1 and its alternatives.
 
     Returns ``(S, q)``: ``S`` is ``[R, C]`` and ``q`` the ``[R, C, K_PAD]`` weights with
@@ -84,13 +87,15 @@ def class_similarity(s, k_valid, inv_gamma, K, SIM: tl.constexpr):
         first = tl.min(tl.where(masked == tl.expand_dims(s_max, 2), k_idx, s.shape[2]), axis=2)
         q = tl.where(k_idx == tl.expand_dims(first, 2), 1.0, 0.0)
     else:
-        q = tl.where(k_valid, 1.0 / K, 0.0)
+        # Full tile shape (k_valid alone broadcasts to [1, 1, K_PAD]): every branch of a runtime
+        # SIM must yield the same type.
+        q = tl.where(k_valid, 1.0 / K, 0.0) + tl.zeros_like(s)
     S = tl.sum(q * s, axis=2)
     return S, q
 
 
 @triton.jit
-def class_similarity_vjp(s, q, S, dS, inv_gamma, SIM: tl.constexpr):
+def class_similarity_vjp(s, q, S, dS, inv_gamma, SIM):
     """``ds[r, c, k] = dS[r, c] * dS_rc/ds_rck`` for the tile ``s`` and ``(S, q)`` from
     :func:`class_similarity`; 0 on padding lanes (``q`` is 0 there).
 
@@ -151,7 +156,9 @@ def online_lse_update(m, l, z, include, AXIS: tl.constexpr):
 @triton.jit
 def lse_finalize(m, l):
     """``m + log(l)``: the log-sum-exp of an :func:`online_lse_update` state (``-inf`` if empty)."""
-    return m + tl.log(l)
+    # A non-empty state has l >= 1 (its largest logit adds e^0); an empty one has l = 0 and
+    # m = -inf, so the clamp changes nothing but keeps log(0) out of the computation.
+    return m + tl.log(tl.maximum(l, 1.0))
 
 
 @triton.jit

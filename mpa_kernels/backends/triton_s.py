@@ -1,0 +1,48 @@
+"""The ``"triton"`` backend: torch computes ``s = x_hat @ w_hat.T``, Triton kernels do the rest.
+
+The loss kernels (:mod:`mpa_kernels.kernels.similarity`) read ``s`` once forward and once backward
+and write ``ds`` once; autograd takes ``ds`` through the GEMM (``dx = ds @ w``, ``dw = ds^T @ x``)
+and the normalisation. fp16 and bf16 inputs keep their dtype for the GEMMs and for ``s``/``ds``; the
+kernels accumulate in fp32 and return an fp32 loss. fp64 inputs are computed in fp32 (the kernels
+have no fp64 path; fp64 is for checking, not speed) and the loss comes back in fp64.
+
+Runs on CUDA, and on CPU through the Triton interpreter when ``TRITON_INTERPRET=1`` was set before
+Triton was imported (slow; meant for tests).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from mpa_kernels._spec import LossSpec
+from mpa_kernels.backends import triton_interpreting
+
+LOW_PRECISION = True
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (pip install triton; Linux only)"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and triton_interpreting():
+        return None
+    if device.type == "cpu":
+        return ("Triton kernels need a CUDA GPU; on CPU they run only through the interpreter, "
+                "with TRITON_INTERPRET=1 set before the first import of triton (slow, for "
+                "testing). Use backend='torch' on CPU.")
+    return f"Triton kernels run on CUDA devices, not {device.type}"
+
+
+def similarity_loss(
+    x_hat: torch.Tensor, w_hat: torch.Tensor, labels: torch.Tensor, spec: LossSpec
+) -> torch.Tensor:
+    from mpa_kernels.kernels.similarity import similarity_loss as loss_over_s
+
+    compute_dtype = torch.float32 if x_hat.dtype == torch.float64 else x_hat.dtype
+    s = (x_hat.to(compute_dtype) @ w_hat.to(compute_dtype).T).contiguous()
+    value = loss_over_s(s, labels, spec.loss, spec.num_classes, spec.proxies_per_class,
+                        spec.similarity, spec.alpha, spec.delta, spec.gamma)
+    return value.to(torch.promote_types(value.dtype, x_hat.dtype))
