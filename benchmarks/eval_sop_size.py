@@ -13,6 +13,10 @@ including building the data) would do. A spike shorter than the sampling period 
 similarity block lives for the whole matrix product and top-k of a block, far longer than 1 ms.
 On a CUDA device it also reports ``torch.cuda.max_memory_allocated`` above the inputs.
 
+For scale it then times the floor of any exact search, the similarity matrix product alone, in
+blocks of 1,024 queries (``--chunk-size`` if given), and prints ``evaluate``'s time as a multiple of
+it. Wall and CPU (process) time are both printed: on a shared machine the CPU time is the steadier.
+
     python benchmarks/eval_sop_size.py [--device cuda] [--chunk-size N] [--ks 1 10 100]
 """
 
@@ -40,9 +44,9 @@ def class_sizes(generator: torch.Generator) -> torch.Tensor:
     """NUM_CLASSES sizes in [MIN_SIZE, MAX_SIZE] summing to NUM_IMAGES, binomially spread."""
     spread = MAX_SIZE - MIN_SIZE
     p = (NUM_IMAGES / NUM_CLASSES - MIN_SIZE) / spread
-    sizes = MIN_SIZE + torch.binomial(
-        torch.full((NUM_CLASSES,), float(spread)), torch.full((NUM_CLASSES,), p), generator=generator
-    ).long()
+    counts = torch.full((NUM_CLASSES,), float(spread))
+    probabilities = torch.full_like(counts, p)
+    sizes = MIN_SIZE + torch.binomial(counts, probabilities, generator=generator).long()
     while (gap := NUM_IMAGES - int(sizes.sum())) != 0:
         step = 1 if gap > 0 else -1
         room = ((sizes < MAX_SIZE) if step > 0 else (sizes > MIN_SIZE)).nonzero().squeeze(1)
@@ -93,13 +97,29 @@ class PeakRSS:
         self.peak = max(self.peak, rss_bytes())
 
 
+def timed(fn, device: torch.device):
+    """``fn()``, its wall time and the CPU time of this process (all threads), in seconds."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def gemm_floor(embeddings: torch.Tensor, rows: int) -> None:
+    """The similarity products of an exact search, block by block, and nothing else."""
+    searched = torch.nn.functional.normalize(embeddings.float(), dim=1)
+    for block in searched.split(rows):
+        block @ searched.T
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--chunk-size", type=int, default=None)
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 10, 100])
     parser.add_argument("--ndcg-ks", type=int, nargs="+", default=[10, 100])
-    parser.add_argument("--noise", type=float, default=1.2, help="noise norm / centre norm")
+    parser.add_argument("--noise", type=float, default=2.2, help="noise norm / centre norm")
     args = parser.parse_args()
     device = torch.device(args.device)
 
@@ -113,28 +133,36 @@ def main() -> None:
         cuda_base = torch.cuda.memory_allocated()
     base = rss_bytes()
     with PeakRSS() as peak:
-        start = time.perf_counter()
-        result = evaluate(
-            embeddings, labels, ks=args.ks, ndcg_ks=args.ndcg_ks, chunk_size=args.chunk_size
+        result, wall, cpu = timed(
+            lambda: evaluate(
+                embeddings, labels, ks=args.ks, ndcg_ks=args.ndcg_ks, chunk_size=args.chunk_size
+            ),
+            device,
         )
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        wall = time.perf_counter() - start
 
     mib = 2**20
     print(
         f"SOP-size evaluate: N={NUM_IMAGES} d={EMBEDDING_SIZE} classes={NUM_CLASSES} "
         f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} "
-        f"cpu={platform.processor() or platform.machine()}"
+        f"cpu={platform.processor() or platform.machine()} load={os.getloadavg()[0]:.1f}"
     )
     print(f"embeddings: {input_bytes / mib:.0f} MiB; baseline RSS {base / mib:.0f} MiB")
-    print(f"wall time: {wall:.1f} s")
+    print(f"evaluate: wall {wall:.1f} s, CPU {cpu:.1f} s")
     print(f"peak RSS above the embeddings: {(peak.peak - base) / mib:.0f} MiB (sampled every 1 ms)")
     if device.type == "cuda":
         cuda_peak = torch.cuda.max_memory_allocated() - cuda_base
         print(f"peak CUDA memory above the embeddings: {cuda_peak / mib:.0f} MiB")
     for name, value in result.items():
         print(f"  {name}: {value:.2f}" if isinstance(value, float) else f"  {name}: {value}")
+
+    _, floor_wall, floor_cpu = timed(
+        lambda: gemm_floor(embeddings, args.chunk_size or 1024), device
+    )
+    print(
+        f"floor (the blocked similarity products alone): wall {floor_wall:.1f} s, CPU "
+        f"{floor_cpu:.1f} s; evaluate / floor = {wall / floor_wall:.2f} (wall), "
+        f"{cpu / floor_cpu:.2f} (CPU)"
+    )
 
 
 if __name__ == "__main__":

@@ -1,16 +1,18 @@
-"""Retrieval and clustering metrics of deep metric learning, from one exact k-nearest-neighbour pass.
+"""Retrieval and clustering metrics of deep metric learning, from one exact nearest-neighbour pass.
 
 Every retrieval metric here is a function of one thing: for each query, the binary relevance of its
-ranked neighbours (1 where the neighbour shares the query's label) and ``R``, the number of items in
-the searched set that share the query's label (the query itself not counted). :func:`ranking_metrics`
-scores such rows directly (the paper's Table 3 is five of them); :func:`retrieval_metrics` builds the
-rows from embeddings with one exact search and feeds them to the same scorer; :func:`evaluate` is the
-paper's evaluation in one call. All values are reported x100, like the paper.
+ranked neighbours (1 where a neighbour shares the query's label) and ``R``, the number of items in
+the searched set that share the query's label (the query itself not counted).
+:func:`ranking_metrics` scores such rows directly (the paper's Table 3 is five of them);
+:func:`retrieval_metrics` builds the rows from embeddings with one exact search and feeds them to
+the same scorer; :func:`evaluate` is the paper's evaluation in one call. Values are x100, like the
+paper's.
 
 Metric names (``kind@depth``, where ``depth`` is a positive integer ``k`` or ``r``, meaning each
 query's own ``R``):
 
-* ``recall@k``: the DML "Recall@k", a hit rate: 1 if any of the ``k`` nearest neighbours is relevant.
+* ``recall@k``: the DML "Recall@k", a hit rate: 1 if any of the ``k`` nearest neighbours is
+  relevant.
 * ``precision@k``: relevant items among the first ``k``, divided by ``k``. ``precision@1`` is
   Precision@1 (numerically equal to ``recall@1``); ``precision@r`` is R-precision.
 * ``map@k``: ``(1/k) * sum_{i<=k} P(i) * rel(i)`` with ``P(i)`` the precision of the first ``i``.
@@ -20,14 +22,14 @@ query's own ``R``):
 * ``ndcg@k``: eq. 19-20 with binary relevance: ``DCG(k) = sum_{i<=k} rel(i) / log2(i + 1)``, divided
   by the best DCG, which puts all ``min(k, R)`` relevant items first.
 
-Search (:func:`retrieval_metrics`): embeddings are L2-normalised here and neighbours ranked by cosine
-similarity, exactly (a matrix product per block of queries and ``torch.topk``, on CPU or CUDA). When
-no separate reference set is given, each query searches all the other embeddings: its own row is
-excluded, and a query whose label no other row has (``R = 0``) is left out of every average and
-counted in ``num_queries_without_positive``. Memory above the inputs is one normalised copy of the
-searched embeddings plus one block of ``chunk_size x M`` similarities (``M`` searched rows); the
-default block is sized to about 256 MiB whatever the search depth, so a dataset with one huge class
-(large ``R``, so a deep search) does not blow up memory, it only takes smaller blocks.
+Search (:func:`retrieval_metrics`): embeddings are L2-normalised here and neighbours ranked by
+cosine similarity, exactly (a matrix product per block of queries and ``torch.topk``, on CPU or
+CUDA). When no separate reference set is given, each query searches all the other embeddings: its
+own row is excluded, and a query whose label no other row has (``R = 0``) is left out of every
+average and counted in ``num_queries_without_positive``. Memory above the inputs is one normalised
+copy of the searched embeddings plus one block of ``chunk_size x M`` similarities (``M`` searched
+rows); the default block is sized to about 256 MiB whatever the search depth, so a dataset with one
+huge class (large ``R``, so a deep search) does not blow up memory, it only takes smaller blocks.
 
 Ties: neighbours with equal similarity are ranked by index, lowest first, on every device. A block's
 ``torch.topk`` keeps one neighbour more than needed; rows where two of those kept similarities are
@@ -137,10 +139,10 @@ def ranking_metrics(relevance, num_relevant, metrics: Sequence[str]) -> dict[str
     """Score ranked binary relevance rows; one float64 value x100 per row for each metric.
 
     Args:
-        relevance: (Q, W) bools or 0/1 numbers (a tensor or nested lists); ``relevance[q, i]`` says
-            whether the ``(i+1)``-th retrieved item of query ``q`` is relevant. A row must hold every
-            position a metric reads: at least the largest ``k`` asked for, and at least the row's
-            ``R`` when an ``@r`` metric is asked for.
+        relevance: (Q, W) bools or 0/1 numbers (a tensor or nested lists); ``relevance[q, i]``
+            says whether the ``(i+1)``-th retrieved item of query ``q`` is relevant. A row must hold
+            every position a metric reads: at least the largest ``k`` asked for, and at least the
+            row's ``R`` when an ``@r`` metric is asked for.
         num_relevant: ``R``, the number of relevant items in the searched set for each row (an int
             for all rows, or Q ints), each >= 1 and at least the number of ones in the row.
         metrics: names as in the module docstring, e.g. ``["recall@10", "ndcg@10", "map@r"]``.
@@ -437,8 +439,8 @@ def evaluate(
     One exact k-NN search (see :func:`retrieval_metrics`, which documents ``reference_*``,
     ``chunk_size`` and ``device``). Returns ``{"recall@1": ..., "ndcg@2": ..., "map@r": ...,
     "precision@r": ..., "precision@1": ..., "num_queries": ..., "num_queries_without_positive":
-    ...}``, and ``"nmi"`` when ``include_nmi`` (off by default: k-means is far slower than the search
-    for many classes; it clusters the query embeddings only). The paper's SOP protocol is
+    ...}``, and ``"nmi"`` when ``include_nmi`` (off by default: k-means is far slower than the
+    search for many classes; it clusters the query embeddings only). The paper's SOP protocol is
     ``ks=(1, 10, 100), ndcg_ks=(10, 100)``.
     """
     ks = _check_ks("ks", ks)

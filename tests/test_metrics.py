@@ -155,7 +155,7 @@ def pml_accuracy(*args, **kwargs):
     return {ours: 100 * result[theirs] for ours, theirs in PML_NAMES.items()}
 
 
-@pytest.mark.parametrize("seed, noise", [(2, 0.6), (3, 1.2)])
+@pytest.mark.parametrize("seed, noise", [(2, 1.0), (3, 1.6)])
 def test_map_at_r_r_precision_p_at_1_equal_pml(seed, noise):
     # float32, pml's own precision; classes of 1 to ~25, with lone queries for pml to drop too
     x, labels = clustered(400, 32, 30, noise, seed, num_singletons=7, dtype=torch.float32)
@@ -225,7 +225,8 @@ def test_chunked_equals_unchunked(chunk_size):
     assert metrics.retrieval_metrics(x, labels, ALL, chunk_size=chunk_size) == whole
     ref = dict(reference_embeddings=x[50:], reference_labels=labels[50:])
     whole = metrics.retrieval_metrics(x[:50], labels[:50], ALL, **ref)
-    assert metrics.retrieval_metrics(x[:50], labels[:50], ALL, chunk_size=chunk_size, **ref) == whole
+    chunked = metrics.retrieval_metrics(x[:50], labels[:50], ALL, chunk_size=chunk_size, **ref)
+    assert chunked == whole
 
 
 def test_ties_rank_lowest_index_first():
@@ -311,52 +312,70 @@ def test_cuda_equals_cpu():
 
 X = torch.randn(6, 4)
 Y = torch.tensor([0, 0, 1, 1, 2, 2])
-BAD_INPUTS = [
-    ("embeddings not a tensor", lambda: metrics.evaluate(X.numpy(), Y), TypeError, "embeddings must be a torch.Tensor"),
-    ("labels not a tensor", lambda: metrics.evaluate(X, Y.tolist()), TypeError, "labels must be a torch.Tensor"),
-    ("embeddings rank 1", lambda: metrics.evaluate(X[0], Y), ValueError, r"embeddings must have shape \(N, d\)"),
-    ("labels rank 2", lambda: metrics.evaluate(X, Y[:, None]), ValueError, r"labels must have shape \(N,\)"),
-    ("integer embeddings", lambda: metrics.evaluate(X.long(), Y), TypeError, "floating-point"),
-    ("float labels", lambda: metrics.evaluate(X, Y.float()), TypeError, "labels must be an integer tensor"),
-    ("bool labels", lambda: metrics.evaluate(X, Y > 0), TypeError, "labels must be an integer tensor"),
-    ("empty", lambda: metrics.evaluate(X[:0], Y[:0]), ValueError, "empty"),
-    ("embedding size 0", lambda: metrics.evaluate(X[:, :0], Y), ValueError, "size 0"),
-    ("N mismatch", lambda: metrics.evaluate(X, Y[:5]), ValueError, "6 rows but labels has 5"),
-    ("NaN", lambda: metrics.evaluate(X.index_fill(0, torch.tensor([2]), float("nan")), Y), ValueError, "NaN or infinite"),
-    ("inf", lambda: metrics.evaluate(X.index_fill(0, torch.tensor([2]), float("inf")), Y), ValueError, "NaN or infinite"),
-    ("zero row", lambda: metrics.evaluate(X.index_fill(0, torch.tensor([2]), 0.0), Y), ValueError, "row of zeros"),
-    ("no positive anywhere", lambda: metrics.evaluate(X, torch.arange(6)), ValueError, "no query has a relevant item"),
-    ("reference without labels", lambda: metrics.evaluate(X, Y, reference_embeddings=X), ValueError, "together"),
-    ("reference size", lambda: metrics.evaluate(X, Y, reference_embeddings=X[:, :3], reference_labels=Y), ValueError, "reference_embeddings have size 3"),
-    ("reference N mismatch", lambda: metrics.evaluate(X, Y, reference_embeddings=X, reference_labels=Y[:4]), ValueError, "reference_embeddings has 6 rows but reference_labels has 4"),
-    ("reference float labels", lambda: metrics.evaluate(X, Y, reference_embeddings=X, reference_labels=Y.double()), TypeError, "reference_labels must be an integer"),
-    ("k = 0 in ks", lambda: metrics.evaluate(X, Y, ks=(1, 0)), ValueError, "each of ks must be at least 1"),
-    ("float k in ndcg_ks", lambda: metrics.evaluate(X, Y, ndcg_ks=(2.5,)), TypeError, "each of ndcg_ks must be an int"),
-    ("ks a string", lambda: metrics.evaluate(X, Y, ks="1"), TypeError, "ks must be an int or a sequence"),
+ev, rm, rank = metrics.evaluate, metrics.retrieval_metrics, metrics.ranking_metrics
+ROW2 = X.index_fill(0, torch.tensor([2]), float("nan")), X.index_fill(0, torch.tensor([2]), 0.0)
+BAD_INPUTS = [  # (what, call, error, message)
+    ("embeddings not a tensor", lambda: ev(X.numpy(), Y), TypeError,
+     "embeddings must be a torch.Tensor"),
+    ("labels not a tensor", lambda: ev(X, Y.tolist()), TypeError, "labels must be a torch.Tensor"),
+    ("embeddings rank 1", lambda: ev(X[0], Y), ValueError, r"embeddings must have shape \(N, d\)"),
+    ("labels rank 2", lambda: ev(X, Y[:, None]), ValueError, r"labels must have shape \(N,\)"),
+    ("integer embeddings", lambda: ev(X.long(), Y), TypeError, "floating-point"),
+    ("float labels", lambda: ev(X, Y.float()), TypeError, "labels must be an integer tensor"),
+    ("bool labels", lambda: ev(X, Y > 0), TypeError, "labels must be an integer tensor"),
+    ("empty", lambda: ev(X[:0], Y[:0]), ValueError, "empty"),
+    ("embedding size 0", lambda: ev(X[:, :0], Y), ValueError, "size 0"),
+    ("N mismatch", lambda: ev(X, Y[:5]), ValueError, "6 rows but labels has 5"),
+    ("NaN", lambda: ev(ROW2[0], Y), ValueError, "NaN or infinite"),
+    ("inf", lambda: ev(X / 0, Y), ValueError, "NaN or infinite"),
+    ("zero row", lambda: ev(ROW2[1], Y), ValueError, "row of zeros"),
+    ("no positive anywhere", lambda: ev(X, torch.arange(6)), ValueError,
+     "no query has a relevant item"),
+    ("reference without labels", lambda: ev(X, Y, reference_embeddings=X), ValueError, "together"),
+    ("reference size", lambda: ev(X, Y, reference_embeddings=X[:, :3], reference_labels=Y),
+     ValueError, "reference_embeddings have size 3"),
+    ("reference N mismatch", lambda: ev(X, Y, reference_embeddings=X, reference_labels=Y[:4]),
+     ValueError, "reference_embeddings has 6 rows but reference_labels has 4"),
+    ("reference float labels",
+     lambda: ev(X, Y, reference_embeddings=X, reference_labels=Y.double()), TypeError,
+     "reference_labels must be an integer"),
+    ("k = 0 in ks", lambda: ev(X, Y, ks=(1, 0)), ValueError, "each of ks must be at least 1"),
+    ("float k in ndcg_ks", lambda: ev(X, Y, ndcg_ks=(2.5,)), TypeError,
+     "each of ndcg_ks must be an int"),
+    ("ks a string", lambda: ev(X, Y, ks="1"), TypeError, "ks must be an int or a sequence"),
     ("recall k = 0", lambda: metrics.recall_at_k(X, Y, 0), ValueError, "k must be at least 1"),
     ("ndcg k bool", lambda: metrics.ndcg_at_k(X, Y, True), TypeError, "k must be an int"),
-    ("chunk_size 0", lambda: metrics.evaluate(X, Y, chunk_size=0), ValueError, "chunk_size must be at least 1"),
-    ("chunk_size float", lambda: metrics.evaluate(X, Y, chunk_size=2.0), TypeError, "chunk_size must be an int"),
-    ("include_nmi not bool", lambda: metrics.evaluate(X, Y, include_nmi="yes"), TypeError, "include_nmi must be a bool"),
+    ("chunk_size 0", lambda: ev(X, Y, chunk_size=0), ValueError, "chunk_size must be at least 1"),
+    ("chunk_size float", lambda: ev(X, Y, chunk_size=2.0), TypeError, "chunk_size must be an int"),
+    ("include_nmi not bool", lambda: ev(X, Y, include_nmi="yes"), TypeError,
+     "include_nmi must be a bool"),
     ("unknown option", lambda: metrics.map_at_r(X, Y, chunk=3), TypeError, "chunk"),
-    ("unknown metric", lambda: metrics.retrieval_metrics(X, Y, ["mrr@1"]), ValueError, "unknown metric 'mrr@1'"),
-    ("metric depth 0", lambda: metrics.retrieval_metrics(X, Y, ["recall@0"]), ValueError, "unknown metric 'recall@0'"),
-    ("metric without depth", lambda: metrics.retrieval_metrics(X, Y, ["recall"]), ValueError, "unknown metric 'recall'"),
-    ("metrics a string", lambda: metrics.retrieval_metrics(X, Y, "recall@1"), TypeError, "sequence of metric names"),
-    ("metrics empty", lambda: metrics.retrieval_metrics(X, Y, []), ValueError, "metrics is empty"),
-    ("metric not a string", lambda: metrics.retrieval_metrics(X, Y, [1]), TypeError, "metric names must be strings"),
-    ("nmi seed negative", lambda: metrics.nmi(X, Y, seed=-1), ValueError, "seed must be at least 0"),
-    ("nmi NaN", lambda: metrics.nmi(X * float("nan"), Y), ValueError, "NaN or infinite"),
-    ("relevance rank 1", lambda: metrics.ranking_metrics([1, 0], 1, ["recall@1"]), ValueError, r"relevance must have shape \(Q, W\)"),
-    ("relevance empty", lambda: metrics.ranking_metrics(torch.zeros(0, 3), 1, ["recall@1"]), ValueError, "relevance is empty"),
-    ("relevance not binary", lambda: metrics.ranking_metrics([[1, 2]], 2, ["recall@1"]), ValueError, "binary"),
-    ("relevance NaN", lambda: metrics.ranking_metrics([[1.0, float("nan")]], 2, ["recall@1"]), ValueError, "binary"),
-    ("num_relevant 0", lambda: metrics.ranking_metrics([[0, 0]], 0, ["recall@1"]), ValueError, "at least 1"),
-    ("num_relevant float", lambda: metrics.ranking_metrics([[1, 0]], 1.0, ["recall@1"]), TypeError, "num_relevant must hold integers"),
-    ("num_relevant shape", lambda: metrics.ranking_metrics([[1, 0]], [1, 1], ["recall@1"]), ValueError, r"shape \(1,\)"),
-    ("more hits than R", lambda: metrics.ranking_metrics([[1, 1, 0]], 1, ["recall@1"]), ValueError, "more relevant items than"),
-    ("rows too short for k", lambda: metrics.ranking_metrics([[1, 0]], 1, ["ndcg@3"]), ValueError, "hold 2 positions but the metrics read 3"),
-    ("rows too short for R", lambda: metrics.ranking_metrics([[1, 0, 1]], 4, ["map@r"]), ValueError, "hold 3 positions but the metrics read 4"),
+    ("unknown metric", lambda: rm(X, Y, ["mrr@1"]), ValueError, "unknown metric 'mrr@1'"),
+    ("metric depth 0", lambda: rm(X, Y, ["recall@0"]), ValueError, "unknown metric 'recall@0'"),
+    ("metric without depth", lambda: rm(X, Y, ["recall"]), ValueError, "unknown metric 'recall'"),
+    ("metrics a string", lambda: rm(X, Y, "recall@1"), TypeError, "sequence of metric names"),
+    ("metrics empty", lambda: rm(X, Y, []), ValueError, "metrics is empty"),
+    ("metric not a string", lambda: rm(X, Y, [1]), TypeError, "metric names must be strings"),
+    ("nmi seed negative", lambda: metrics.nmi(X, Y, seed=-1), ValueError,
+     "seed must be at least 0"),
+    ("nmi NaN", lambda: metrics.nmi(ROW2[0], Y), ValueError, "NaN or infinite"),
+    ("relevance rank 1", lambda: rank([1, 0], 1, ["recall@1"]), ValueError,
+     r"relevance must have shape \(Q, W\)"),
+    ("relevance empty", lambda: rank(torch.zeros(0, 3), 1, ["recall@1"]), ValueError,
+     "relevance is empty"),
+    ("relevance not binary", lambda: rank([[1, 2]], 2, ["recall@1"]), ValueError, "binary"),
+    ("relevance NaN", lambda: rank([[1.0, float("nan")]], 2, ["recall@1"]), ValueError, "binary"),
+    ("num_relevant 0", lambda: rank([[0, 0]], 0, ["recall@1"]), ValueError, "at least 1"),
+    ("num_relevant float", lambda: rank([[1, 0]], 1.0, ["recall@1"]), TypeError,
+     "num_relevant must hold integers"),
+    ("num_relevant shape", lambda: rank([[1, 0]], [1, 1], ["recall@1"]), ValueError,
+     r"shape \(1,\)"),
+    ("more hits than R", lambda: rank([[1, 1, 0]], 1, ["recall@1"]), ValueError,
+     "more relevant items than"),
+    ("rows too short for k", lambda: rank([[1, 0]], 1, ["ndcg@3"]), ValueError,
+     "hold 2 positions but the metrics read 3"),
+    ("rows too short for R", lambda: rank([[1, 0, 1]], 4, ["map@r"]), ValueError,
+     "hold 3 positions but the metrics read 4"),
 ]
 
 
