@@ -352,7 +352,8 @@ class _ChunkedSimilarityLoss(torch.autograd.Function):
             dx = torch.zeros_like(x) if want_dx else None
             dw = torch.empty_like(w) if want_dw else None
             loss = _column_wise_forward(x, w, labels, problem, reduction, chunk_elements, dx, dw)
-            ctx.grads = (dx, dw)
+            # Saved (not kept on ctx) so that autograd frees them with the graph.
+            ctx.save_for_backward(dx, dw)
         else:
             loss, q, lse = _row_wise_forward(x, w, labels, problem, reduction, chunk_elements)
             ctx.save_for_backward(x, w, labels, q, lse)
@@ -364,11 +365,10 @@ class _ChunkedSimilarityLoss(torch.autograd.Function):
         problem = ctx.problem
         scale = float(grad_output)
         if problem.column_wise:
-            dx, dw = ctx.grads
-            del ctx.grads
+            dx, dw = ctx.saved_tensors
             if scale != 1.0:
-                dx = dx.mul_(scale) if dx is not None else None
-                dw = dw.mul_(scale) if dw is not None else None
+                dx = dx * scale if dx is not None else None
+                dw = dw * scale if dw is not None else None
         else:
             x, w, labels, q, lse = ctx.saved_tensors
             dx = torch.zeros_like(x) if ctx.needs_input_grad[0] else None

@@ -1,0 +1,212 @@
+"""The chunked CPU backend (``backend="torch"``) against the reference backend.
+
+Every loss, every similarity mode, the odd-shape grid of GUIDE.md, and chunk budgets small enough
+that the class sweep runs in many chunks (one class per chunk, and two with a ragged last one); the
+tests that run with the default budget cover the single-chunk case.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mpa_kernels import functional as MF
+from mpa_kernels._spec import LossSpec
+from mpa_kernels.backends import resolve
+from mpa_kernels.backends import torch_chunked
+
+MULTI_PROXY = {
+    "mpa": MF.mpa_loss,
+    "mpa_dw": MF.mpa_dw_loss,
+    "mpa_ap": MF.mpa_ap_loss,
+    "soft_triple": MF.soft_triple_loss,
+}
+ONE_PROXY = {"proxy_anchor": MF.proxy_anchor_loss, "proxy_nca": MF.proxy_nca_loss}
+
+# (N, C, K, labels): labels "random" over all classes, "subset" over the first C // 2 only (absent
+# classes), "single" all one class.
+SHAPES = {
+    "n1": (1, 3, 2, "random"),
+    "odd": (13, 7, 3, "random"),
+    "k10_absent": (9, 11, 10, "subset"),
+    "k1": (10, 5, 1, "random"),
+    "single_class": (6, 5, 2, "single"),
+}
+# Classes per chunk: one, and two (a ragged last chunk where C is odd).
+CLASSES_PER_CHUNK = [1, 2]
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+D = 16
+
+
+def _labels(n, c, kind, gen):
+    if kind == "single":
+        return torch.full((n,), c - 2, dtype=torch.long)
+    high = max(1, c // 2) if kind == "subset" else c
+    return torch.randint(0, high, (n,), generator=gen)
+
+
+def _inputs(n, c, k, kind, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, D, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    w = torch.randn(c * k, D, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    return x, _labels(n, c, kind, gen), w
+
+
+def _value_and_grads(fn, x, y, w, backend, **kwargs):
+    loss = fn(x, y, w, backend=backend, **kwargs)
+    gx, gw = torch.autograd.grad(loss, [x, w])
+    return loss.detach(), gx, gw
+
+
+def _assert_matches(got, want, tol):
+    for g, r in zip(got, want):
+        assert g.dtype == r.dtype
+        torch.testing.assert_close(g, r, rtol=tol, atol=tol * float(r.abs().max()))
+
+
+def _chunk_classes(monkeypatch, classes, n, k):
+    monkeypatch.setattr(torch_chunked, "DEFAULT_CHUNK_ELEMENTS", classes * n * k)
+
+
+@pytest.mark.parametrize("classes_per_chunk", CLASSES_PER_CHUNK)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("similarity", ["softmax", "max", "mean"])
+@pytest.mark.parametrize("loss", list(MULTI_PROXY))
+def test_multi_proxy_matches_reference(loss, similarity, shape, dtype, classes_per_chunk,
+                                       monkeypatch):
+    n, c, k, kind = SHAPES[shape]
+    _chunk_classes(monkeypatch, classes_per_chunk, n, 1 if similarity == "mean" else k)
+    x, y, w = _inputs(n, c, k, kind, dtype)
+    kwargs = dict(proxies_per_class=k, similarity=similarity)
+    got = _value_and_grads(MULTI_PROXY[loss], x, y, w, "torch", **kwargs)
+    want = _value_and_grads(MULTI_PROXY[loss], x, y, w, "reference", **kwargs)
+    _assert_matches(got, want, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("classes_per_chunk", CLASSES_PER_CHUNK)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("shape", ["n1", "odd", "k10_absent", "single_class"])
+@pytest.mark.parametrize("loss", list(ONE_PROXY))
+def test_one_proxy_matches_reference(loss, shape, dtype, classes_per_chunk, monkeypatch):
+    n, c, _, kind = SHAPES[shape]
+    _chunk_classes(monkeypatch, classes_per_chunk, n, 1)
+    x, y, w = _inputs(n, c, 1, kind, dtype)
+    got = _value_and_grads(ONE_PROXY[loss], x, y, w, "torch")
+    want = _value_and_grads(ONE_PROXY[loss], x, y, w, "reference")
+    _assert_matches(got, want, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("loss", list(MULTI_PROXY))
+def test_small_gamma_needs_the_max_shift(loss, dtype, monkeypatch):
+    """gamma = 0.01 puts e^(s / gamma) out of fp32's range (not fp64's), so the intra-class softmax
+    subtracts its max in fp32 and not in fp64; both must match the reference."""
+    monkeypatch.setattr(torch_chunked, "DEFAULT_CHUNK_ELEMENTS", 40)
+    x, y, w = _inputs(11, 6, 3, "random", dtype)
+    kwargs = dict(proxies_per_class=3, gamma=0.01)
+    got = _value_and_grads(MULTI_PROXY[loss], x, y, w, "torch", **kwargs)
+    want = _value_and_grads(MULTI_PROXY[loss], x, y, w, "reference", **kwargs)
+    _assert_matches(got, want, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("similarity", ["softmax", "max", "mean"])
+@pytest.mark.parametrize("loss", ["mpa", "mpa_dw", "mpa_ap", "soft_triple", "proxy_nca"])
+def test_gradcheck(loss, similarity):
+    """float64 gradcheck of the autograd.Function (and the mean mode's averaging in front of it),
+    one class per chunk."""
+    n, c, k = (5, 4, 1) if loss == "proxy_nca" else (5, 4, 3)
+    x, y, w = _inputs(n, c, k, "random", torch.float64, seed=1)
+    x_hat = F.normalize(x.detach(), dim=1).requires_grad_()
+    w_hat = F.normalize(w.detach(), dim=1).requires_grad_()
+    spec = LossSpec(loss, c, k, 20.0 if loss == "proxy_nca" else 8.0, 0.1, 0.2, similarity)
+
+    def f(xh, wh):
+        return torch_chunked.similarity_loss(xh, wh, y, spec, chunk_elements=1)
+
+    assert torch.autograd.gradcheck(f, (x_hat, w_hat), fast_mode=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("loss", ["mpa", "mpa_ap"])
+def test_half_inputs_get_gradients_in_their_dtype(loss, dtype):
+    x, y, w = _inputs(9, 7, 3, "random", dtype)
+    got = _value_and_grads(MULTI_PROXY[loss], x, y, w, "torch", proxies_per_class=3)
+    assert got[1].dtype == dtype and got[2].dtype == dtype
+    x32, w32 = (t.detach().float().requires_grad_() for t in (x, w))
+    want = _value_and_grads(MULTI_PROXY[loss], x32, y, w32, "reference", proxies_per_class=3)
+    _assert_matches([got[0]], [want[0]], 1e-5)
+    # The fp32 gradients agree to ~1e-7 and are then rounded to the input dtype: one ulp apart.
+    eps = torch.finfo(dtype).eps
+    for g, r in zip(got[1:], want[1:]):
+        torch.testing.assert_close(g.float(), r, rtol=eps, atol=eps * float(r.abs().max()))
+
+
+@pytest.mark.parametrize("loss", ["mpa", "mpa_dw"])
+def test_grad_output_scale_and_one_sided_gradients(loss, monkeypatch):
+    """A loss scaled before backward, and gradients asked for one input at a time (the column-wise
+    forward writes only the gradients that are wanted; the row-wise backward only those asked)."""
+    monkeypatch.setattr(torch_chunked, "DEFAULT_CHUNK_ELEMENTS", 40)
+    x, y, w = _inputs(13, 7, 3, "random", torch.float64)
+    fn = MULTI_PROXY[loss]
+    want = _value_and_grads(fn, x, y, w, "reference", proxies_per_class=3)
+    (gx,) = torch.autograd.grad(3.5 * fn(x, y, w.detach(), proxies_per_class=3, backend="torch"),
+                                [x])
+    (gw,) = torch.autograd.grad(-2.0 * fn(x.detach(), y, w, proxies_per_class=3, backend="torch"),
+                                [w])
+    _assert_matches([gx / 3.5, gw / -2.0], want[1:], 1e-10)
+
+
+def test_no_grad_value(monkeypatch):
+    monkeypatch.setattr(torch_chunked, "DEFAULT_CHUNK_ELEMENTS", 40)
+    x, y, w = _inputs(13, 7, 3, "random", torch.float64)
+    for fn in MULTI_PROXY.values():
+        with torch.no_grad():
+            got = fn(x, y, w, proxies_per_class=3, backend="torch")
+            want = fn(x, y, w, proxies_per_class=3, backend="reference")
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+
+
+def test_auto_picks_torch_on_cpu():
+    assert resolve("auto", torch.device("cpu")) is torch_chunked
+
+
+def test_bad_chunk_budget():
+    x, y, w = _inputs(3, 4, 2, "random", torch.float32)
+    spec = LossSpec("mpa", 4, 2, 32.0, 0.1)
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(ValueError, match="chunk_elements"):
+            torch_chunked.similarity_loss(F.normalize(x, dim=1), F.normalize(w, dim=1), y, spec,
+                                          chunk_elements=bad)
+
+
+def _peak_bytes(fn):
+    """Peak bytes torch's CPU allocator holds while fn() runs, above what was live before."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("loss", ["mpa", "mpa_dw"])
+def test_memory_does_not_grow_with_n_c_k(loss, monkeypatch):
+    """Forward and backward hold far less than one N x C*K tensor beyond the inputs' copies and
+    gradients, where the reference holds several. A narrow d keeps those copies small next to s."""
+    monkeypatch.setattr(torch_chunked, "DEFAULT_CHUNK_ELEMENTS", 32768)
+    n, c, k, d = 64, 2048, 4, 2
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=gen, requires_grad=True)
+    w = torch.randn(c * k, d, generator=gen, requires_grad=True)
+    y = torch.randint(0, c, (n,), generator=gen)
+    s_bytes = n * c * k * 4
+
+    def run(backend):
+        return lambda: MULTI_PROXY[loss](x, y, w, proxies_per_class=k, backend=backend).backward()
+
+    assert _peak_bytes(run("reference")) > 2 * s_bytes
+    assert _peak_bytes(run("torch")) < s_bytes / 2
