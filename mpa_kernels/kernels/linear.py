@@ -91,6 +91,7 @@ from mpa_kernels.kernels.common import (
     lse_finalize,
     online_lse_update,
 )
+from mpa_kernels.kernels.similarity import Specialisation
 
 # The fp32 dw_hat accumulator of one backward launch is at most this large; more proxies than fit
 # are processed in chunks, each cast into the gradient before the next (bounded extra memory).
@@ -105,7 +106,7 @@ SPLIT_SCRATCH_BYTES = 128 * 2**20
 
 
 @triton.jit
-def _columns(tile, C, K: tl.constexpr, KP: tl.constexpr, BLOCK_C: tl.constexpr):
+def _columns(tile, C, K, KP: tl.constexpr, BLOCK_C: tl.constexpr):
     """Classes of class tile ``tile`` and, per tile column ``c_local * KP + k``, its proxy row.
 
     Padded proxies (k >= K) are masked: their row ``c * K + k`` belongs to the next class.
@@ -137,7 +138,7 @@ def _similarity_tile(x_ptr, w_ptr, rows, row_mask, prow, proxy_mask, D, stride_x
 
 
 @triton.jit
-def _class_tile(s, inv_gamma, SIM: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+def _class_tile(s, inv_gamma, K, SIM, KP: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """Eq. 1 on a flat dot tile: its [M, C, KP] view ``s3`` and common's ``(S, q)``. Padded
     proxies hold s = 0 (masked loads); padded classes are masked at the logit level."""
@@ -170,10 +171,10 @@ def _tile_logits(S, cls, labels, row_mask, C, alpha, delta, LOSS: tl.constexpr):
 
 @triton.jit
 def _row_forward_kernel(
-    x_ptr, w_ptr, labels_ptr, lse_part_ptr, spos_part_ptr,
-    N, C, D, stride_x, stride_w, tiles_per_split, num_tiles,
-    alpha, delta, inv_gamma,
-    LOSS: tl.constexpr, SIM: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+    x_ptr, w_ptr, labels_ptr, part0_ptr, part1_ptr,
+    N, C, K, D, stride_x, stride_w, tiles_per_split, num_tiles,
+    alpha, delta, inv_gamma, SIM,
+    LOSS: tl.constexpr, KP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -189,22 +190,22 @@ def _row_forward_kernel(
         cls, prow, proxy_mask = _columns(tile, C, K, KP, BLOCK_C)
         s = _similarity_tile(x_ptr, w_ptr, rows, row_mask, prow, proxy_mask, D, stride_x,
                              stride_w, BLOCK_M, BLOCK_C * KP, BLOCK_D, PRECISION)
-        s3, S, q = _class_tile(s, inv_gamma, SIM, K, KP, BLOCK_M, BLOCK_C)
+        s3, S, q = _class_tile(s, inv_gamma, K, SIM, KP, BLOCK_M, BLOCK_C)
         z, sign, pos, valid, include = _tile_logits(S, cls, labels, row_mask, C, alpha, delta,
                                                     LOSS)
         m, l = online_lse_update(m, l, z, include, 1)
         spos += tl.sum(tl.where(pos & valid, S, 0.0), 1)
     out = split.to(tl.int64) * N + rows
-    tl.store(lse_part_ptr + out, lse_finalize(m, l), mask=row_mask)
-    tl.store(spos_part_ptr + out, spos, mask=row_mask)
+    tl.store(part0_ptr + out, lse_finalize(m, l), mask=row_mask)
+    tl.store(part1_ptr + out, spos, mask=row_mask)
 
 
 @triton.jit
 def _column_forward_kernel(
-    x_ptr, w_ptr, labels_ptr, lse_pos_part_ptr, lse_neg_part_ptr,
-    N, C, D, stride_x, stride_w, tiles_per_split, num_tiles,
-    alpha, delta, inv_gamma,
-    SIM: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+    x_ptr, w_ptr, labels_ptr, part0_ptr, part1_ptr,
+    N, C, K, D, stride_x, stride_w, tiles_per_split, num_tiles,
+    alpha, delta, inv_gamma, SIM,
+    LOSS: tl.constexpr, KP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -221,15 +222,15 @@ def _column_forward_kernel(
         labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
         s = _similarity_tile(x_ptr, w_ptr, rows, row_mask, prow, proxy_mask, D, stride_x,
                              stride_w, BLOCK_M, BLOCK_C * KP, BLOCK_D, PRECISION)
-        s3, S, q = _class_tile(s, inv_gamma, SIM, K, KP, BLOCK_M, BLOCK_C)
+        s3, S, q = _class_tile(s, inv_gamma, K, SIM, KP, BLOCK_M, BLOCK_C)
         z, sign, pos, valid, include = _tile_logits(S, cls, labels, row_mask, C, alpha, delta,
-                                                    LOSS_MPA)
+                                                    LOSS)
         m_pos, l_pos = online_lse_update(m_pos, l_pos, z, valid & pos, 0)
         m_neg, l_neg = online_lse_update(m_neg, l_neg, z, valid & (pos == 0), 0)
     out = split.to(tl.int64) * C + cls
     cls_mask = cls < C
-    tl.store(lse_pos_part_ptr + out, lse_finalize(m_pos, l_pos), mask=cls_mask)
-    tl.store(lse_neg_part_ptr + out, lse_finalize(m_neg, l_neg), mask=cls_mask)
+    tl.store(part0_ptr + out, lse_finalize(m_pos, l_pos), mask=cls_mask)
+    tl.store(part1_ptr + out, lse_finalize(m_neg, l_neg), mask=cls_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,48 +268,45 @@ def _class_grad(S, cls, rows, labels, row_mask, C, stat0_ptr, stat1_ptr, alpha, 
 
 @triton.jit
 def _backward_kernel(
-    x_ptr, w_ptr, labels_ptr, stat0_ptr, stat1_ptr, own_ptr, other_ptr,
-    N, C, D, stride_x, stride_w, first_own_tile, own_rows, tiles_per_split, num_loop_tiles,
-    alpha, delta, inv_gamma, filter_threshold,
-    LOSS: tl.constexpr, SIM: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-    OWN_COLUMNS: tl.constexpr, ATOMIC_OTHER: tl.constexpr, FILTER: tl.constexpr,
+    x_ptr, w_ptr, labels_ptr, stat0_ptr, stat1_ptr, own_ptr, dx_ptr,
+    N, C, K, D, stride_x, stride_w, first_own_tile, own_rows, tiles_per_split, num_loop_tiles,
+    alpha, delta, inv_gamma, SIM, filter_threshold, own_columns, atomic_dx,
+    LOSS: tl.constexpr, KP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Recompute s tile by tile and accumulate dx_hat = ds @ w_hat and dw_hat = ds^T @ x_hat.
+    """Recompute s tile by tile and accumulate dx_hat = ds @ w_hat or dw_hat = ds^T @ x_hat.
 
-    The program owns one tile of the ``OWN_COLUMNS`` side (a class tile for dw_hat, else a row
-    tile for dx_hat) and loops over its split of the other side's tiles. The owned gradient goes
-    to ``own_ptr`` (fp32, [split, own_rows, D], read-modified-written only by this program);
-    with ``ATOMIC_OTHER`` the other gradient is atomically added to ``other_ptr`` (fp32).
+    The program owns one tile, a class tile (``own_columns``: it accumulates dw_hat, looping over
+    row tiles) or a row tile (dx_hat, looping over class tiles), over its split of the loop side.
+    The owned gradient goes to ``own_ptr`` (fp32, [split, own_rows, D], read-modified-written only
+    by this program, so no race); with ``atomic_dx`` a class-tile owner also atomically adds its
+    share of dx_hat to ``dx_ptr`` (fp32). ``own_columns``, ``atomic_dx`` and ``SIM`` are runtime
+    switches (uniform branches, free next to the dots) so that few variants are compiled; square
+    tiles (BLOCK_M = BLOCK_C * KP) give both owners the same block shapes.
     """
+    tl.static_assert(BLOCK_M == BLOCK_C * KP)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     first = split * tiles_per_split
-    if OWN_COLUMNS:
-        cls, prow, proxy_mask = _columns(first_own_tile + pid, C, K, KP, BLOCK_C)
-        own_index = prow - first_own_tile * BLOCK_C * K
-    else:
-        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    own_base = own_ptr + split.to(tl.int64) * own_rows * D
+    for tile in range(first, tl.minimum(first + tiles_per_split, num_loop_tiles)):
+        if own_columns:
+            row_tile = tile
+            class_tile = first_own_tile + pid
+        else:
+            row_tile = pid
+            class_tile = tile
+        rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < N
         labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
-        own_index = rows.to(tl.int64)
-    own_base = own_ptr + split.to(tl.int64) * own_rows * D + own_index[:, None] * D
-    for tile in range(first, tl.minimum(first + tiles_per_split, num_loop_tiles)):
-        if OWN_COLUMNS:
-            rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-            row_mask = rows < N
-            labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
-        else:
-            cls, prow, proxy_mask = _columns(tile, C, K, KP, BLOCK_C)
+        cls, prow, proxy_mask = _columns(class_tile, C, K, KP, BLOCK_C)
         s = _similarity_tile(x_ptr, w_ptr, rows, row_mask, prow, proxy_mask, D, stride_x,
                              stride_w, BLOCK_M, BLOCK_C * KP, BLOCK_D, PRECISION)
-        s3, S, q = _class_tile(s, inv_gamma, SIM, K, KP, BLOCK_M, BLOCK_C)
+        s3, S, q = _class_tile(s, inv_gamma, K, SIM, KP, BLOCK_M, BLOCK_C)
         dS = _class_grad(S, cls, rows, labels, row_mask, C, stat0_ptr, stat1_ptr, alpha, delta,
                          LOSS)
-        keep = True
-        if FILTER:
-            keep = tl.max(tl.max(tl.abs(dS), 1), 0) >= filter_threshold
-        if keep:
+        # Gradient filtering: with threshold 0 every tile passes (bitwise the unfiltered result).
+        if tl.max(tl.max(tl.abs(dS), 1), 0) >= filter_threshold:
             ds = tl.reshape(class_similarity_vjp(s3, q, S, dS, inv_gamma, SIM),
                             (BLOCK_M, BLOCK_C * KP))
             # Rounded to the input dtype for the tensor cores (flash-attention does the same);
@@ -316,12 +314,16 @@ def _backward_kernel(
             ds = ds.to(x_ptr.dtype.element_ty)
             x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x
             w_rows = w_ptr + prow[:, None] * stride_w
+            if own_columns:
+                own_index = prow - first_own_tile * BLOCK_C * K
+            else:
+                own_index = rows.to(tl.int64)
             for d0 in range(0, D, BLOCK_D):
                 offs_d = d0 + tl.arange(0, BLOCK_D)
                 d_mask = offs_d < D
                 x_mask = row_mask[:, None] & d_mask[None, :]
                 w_mask = proxy_mask[:, None] & d_mask[None, :]
-                if OWN_COLUMNS:
+                if own_columns:
                     x = tl.load(x_rows + offs_d[None, :], mask=x_mask, other=0.0)
                     own = tl.dot(tl.trans(ds), x, input_precision=PRECISION)
                     own_mask = w_mask
@@ -329,40 +331,101 @@ def _backward_kernel(
                     w = tl.load(w_rows + offs_d[None, :], mask=w_mask, other=0.0)
                     own = tl.dot(ds, w, input_precision=PRECISION)
                     own_mask = x_mask
-                own_ptrs = own_base + offs_d[None, :]
+                own_ptrs = own_base + own_index[:, None] * D + offs_d[None, :]
                 tl.store(own_ptrs, tl.load(own_ptrs, mask=own_mask, other=0.0) + own,
                          mask=own_mask)
-                if ATOMIC_OTHER:
-                    if OWN_COLUMNS:
-                        w = tl.load(w_rows + offs_d[None, :], mask=w_mask, other=0.0)
-                        tl.atomic_add(other_ptr + rows.to(tl.int64)[:, None] * D + offs_d[None, :],
-                                      tl.dot(ds, w, input_precision=PRECISION), mask=x_mask)
-                    else:
-                        x = tl.load(x_rows + offs_d[None, :], mask=x_mask, other=0.0)
-                        tl.atomic_add(other_ptr + prow[:, None] * D + offs_d[None, :],
-                                      tl.dot(tl.trans(ds), x, input_precision=PRECISION),
-                                      mask=w_mask)
+                if atomic_dx:
+                    w = tl.load(w_rows + offs_d[None, :], mask=w_mask, other=0.0)
+                    tl.atomic_add(dx_ptr + rows.to(tl.int64)[:, None] * D + offs_d[None, :],
+                                  tl.dot(ds, w, input_precision=PRECISION), mask=x_mask)
 
 
 # ----------------------------------------------------------------------------------------------
-# Host side: tile choice, launchers, autograd
+# Host side: specialisations (the one place that picks constexprs), launchers, autograd
 # ----------------------------------------------------------------------------------------------
+
+# A class's K proxies live in one tile (the paper uses K <= 16); the same bound as the triton backend.
+MAX_PROXIES_PER_CLASS = 32
+_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_FORWARD_ARGS = (
+    ("x_ptr", "*S"), ("w_ptr", "*S"), ("labels_ptr", "*i64"), ("part0_ptr", "*fp32"),
+    ("part1_ptr", "*fp32"), ("N", "i32"), ("C", "i32"), ("K", "i32"), ("D", "i32"),
+    ("stride_x", "i32"), ("stride_w", "i32"), ("tiles_per_split", "i32"), ("num_tiles", "i32"),
+    ("alpha", "fp32"), ("delta", "fp32"), ("inv_gamma", "fp32"), ("SIM", "i32"),
+)
+_BACKWARD_ARGS = (
+    ("x_ptr", "*S"), ("w_ptr", "*S"), ("labels_ptr", "*i64"), ("stat0_ptr", "*fp32"),
+    ("stat1_ptr", "*fp32"), ("own_ptr", "*fp32"), ("dx_ptr", "*fp32"), ("N", "i32"),
+    ("C", "i32"), ("K", "i32"), ("D", "i32"), ("stride_x", "i32"), ("stride_w", "i32"),
+    ("first_own_tile", "i32"), ("own_rows", "i32"), ("tiles_per_split", "i32"),
+    ("num_loop_tiles", "i32"), ("alpha", "fp32"), ("delta", "fp32"), ("inv_gamma", "fp32"),
+    ("SIM", "i32"), ("filter_threshold", "fp32"), ("own_columns", "i32"), ("atomic_dx", "i32"),
+)
+KINDS = ("forward", "backward")
+_ROW_LOSSES = ("mpa_dw", "mpa_ap", "soft_triple")
 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@dataclass(frozen=True)
-class TileConfig:
-    """One kernel specialisation's tile sizes (``block_c`` whole classes of ``kp`` columns)."""
+def _tiles(kind: str, dtype: torch.dtype, interpret: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, columns, BLOCK_D, warps). On a GPU: 128 x 128 forward, 64 x 64 backward (it
+    also holds q, dS and ds), d chunks of 64 (32 for fp32, for sm_80's shared memory at the
+    default 3 stages). Under the interpreter, 32-wide tiles: the small test shapes then span
+    several tiles and splits, so the masking and the loops are exercised, and it stays quick."""
+    if interpret:
+        return 32, 32, 32, 4
+    block_d = 32 if dtype == torch.float32 else 64
+    if kind == "forward":
+        return 128, 128, block_d, 8
+    return 64, 64, block_d, 4
 
-    block_m: int
-    block_c: int
-    block_d: int
-    kp: int
-    num_warps: int
-    num_stages: int
+
+def specialisation(kind: str, loss: str, proxies_per_class: int, dtype: torch.dtype,
+                   allow_tf32: bool = False, interpret: bool | None = None) -> Specialisation:
+    """The kernel variant of ``kind`` (see :data:`KINDS`) for these inputs: the launchers launch
+    it and :mod:`mpa_kernels.kernels.compile_check` compiles every one in :data:`SPECIALISATIONS`."""
+    if proxies_per_class > MAX_PROXIES_PER_CLASS:
+        raise ValueError(
+            f"the triton-linear backend supports up to {MAX_PROXIES_PER_CLASS} proxies per "
+            f"class, got {proxies_per_class}; use backend='torch' or 'reference'"
+        )
+    if dtype not in _TRITON_DTYPES:
+        raise TypeError(f"the triton-linear kernels take fp32, fp16 or bf16 inputs, got {dtype}")
+    interpret = interpreting() if interpret is None else interpret
+    kp = triton.next_power_of_2(proxies_per_class)
+    block_m, columns, block_d, warps = _tiles(kind, dtype, interpret)
+    code = LOSS_CODES[loss]
+    precision = "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"
+    constexprs = (("LOSS", code), ("KP", kp))
+    if kind == "forward":
+        kernel = _column_forward_kernel if code == LOSS_MPA.value else _row_forward_kernel
+        args = _FORWARD_ARGS
+    else:
+        kernel, args = _backward_kernel, _BACKWARD_ARGS
+    constexprs += (("BLOCK_M", block_m), ("BLOCK_C", max(1, columns // kp)),
+                   ("BLOCK_D", block_d), ("PRECISION", precision))
+    name = f"{kernel.__name__}[{kind},LOSS={code},KP={kp},{_TRITON_DTYPES[dtype]},{precision}]"
+    arg_types = tuple((arg, t.replace("S", _TRITON_DTYPES[dtype])) for arg, t in args)
+    return Specialisation(name, kernel, arg_types, constexprs, warps)
+
+
+def _enumerate_specialisations() -> tuple:
+    """Every GPU specialisation the launchers can produce (what the compile check builds)."""
+    out = {}
+    k_values = [1 << i for i in range(MAX_PROXIES_PER_CLASS.bit_length())]
+    for dtype in _TRITON_DTYPES:
+        for tf32 in ((False, True) if dtype == torch.float32 else (False,)):
+            for loss in _ROW_LOSSES + ("mpa",):
+                for kind in KINDS:
+                    for k in k_values:
+                        sp = specialisation(kind, loss, k, dtype, tf32, interpret=False)
+                        out[sp.name] = sp
+    return tuple(out.values())
+
+
+SPECIALISATIONS = _enumerate_specialisations()
 
 
 @dataclass(frozen=True)
@@ -372,25 +435,6 @@ class Options:
     deterministic: bool
     filter_eps: float
     allow_tf32: bool
-
-
-def tile_config(proxies_per_class: int, dtype: torch.dtype, backward: bool,
-                interpret: bool | None = None) -> TileConfig:
-    """Tiles for one launch. On a GPU: 128 x 128 forward, 64 x 64 backward (it also holds ds and
-    the class-level intermediates), d chunks of 64 (32 for fp32, to fit sm_80's shared memory
-    with 3 stages). Under the interpreter: 32-wide tiles, few enough programs to be quick yet
-    several tiles per side on the test shapes, so masking and the loops are exercised."""
-    kp = triton.next_power_of_2(proxies_per_class)
-    if interpreting() if interpret is None else interpret:
-        block_m, block_n, block_d, warps, stages = 32, 32, 32, 4, 1
-    elif backward:
-        block_m, block_n, block_d, warps, stages = 64, 64, 64, 8, 2
-    else:
-        block_m, block_n, block_d, warps, stages = 128, 128, 64, 8, 3
-    if dtype == torch.float32:
-        block_d = min(block_d, 32)
-    block_n = max(block_n, kp)
-    return TileConfig(block_m, block_n // kp, block_d, kp, warps, stages)
 
 
 def _target_programs(device: torch.device) -> int:
@@ -408,12 +452,13 @@ def _splits(num_own: int, num_loop: int, target: int, max_splits: int) -> tuple[
     return -(-num_loop // per_split), per_split
 
 
-def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
-    return "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"
-
-
 def _device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _blocks(sp: Specialisation) -> tuple[int, int]:
+    constexprs = dict(sp.constexprs)
+    return constexprs["BLOCK_M"], constexprs["BLOCK_C"]
 
 
 def fused_linear_forward(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, spec: LossSpec,
@@ -422,45 +467,33 @@ def fused_linear_forward(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor,
     denominator ``unit_den`` of the gradient unit (N row-wise, |C+| column-wise)."""
     n, d = x.shape
     c, k = spec.num_classes, spec.proxies_per_class
-    cfg = tile_config(k, x.dtype, backward=False)
-    common = dict(
-        alpha=spec.alpha, delta=spec.delta, inv_gamma=1.0 / spec.gamma,
-        K=k, KP=cfg.kp, SIM=SIMILARITY_CODES[spec.similarity], BLOCK_M=cfg.block_m,
-        BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_d, PRECISION=_precision(x.dtype, options.allow_tf32),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    row_tiles = triton.cdiv(n, cfg.block_m)
-    class_tiles = triton.cdiv(c, cfg.block_c)
-    target = _target_programs(x.device)
-    code = LOSS_CODES[spec.loss]
-    f32 = dict(dtype=torch.float32, device=x.device)
-    zero_logit = torch.zeros(1, 1, **f32)
+    sp = specialisation("forward", spec.loss, k, x.dtype, options.allow_tf32)
+    block_m, block_c = _blocks(sp)
+    row_tiles, class_tiles = triton.cdiv(n, block_m), triton.cdiv(c, block_c)
+    column_wise = LOSS_CODES[spec.loss] == LOSS_MPA.value
+    own, loop, length = (class_tiles, row_tiles, c) if column_wise else (row_tiles, class_tiles, n)
+    splits, per_split = _splits(own, loop, _target_programs(x.device),
+                                max(1, SPLIT_SCRATCH_BYTES // (8 * length)))
+    part = torch.empty(2, splits, length, dtype=torch.float32, device=x.device)
     with _device_guard(x.device):
-        if code == LOSS_MPA.value:
-            splits, per_split = _splits(class_tiles, row_tiles, target, max(1, 2**24 // c))
-            lse_pos = torch.empty(splits, c, **f32)
-            lse_neg = torch.empty(splits, c, **f32)
-            _column_forward_kernel[(class_tiles, splits)](
-                x, w, labels, lse_pos, lse_neg, n, c, d, x.stride(0), w.stride(0), per_split,
-                row_tiles, **common)
-            P = torch.logsumexp(torch.cat([zero_logit.expand(1, c), lse_pos]), 0)
-            Nc = torch.logsumexp(torch.cat([zero_logit.expand(1, c), lse_neg]), 0)
-            num_present = (torch.bincount(labels, minlength=c) > 0).sum().to(torch.float32)
-            loss = P.sum() / num_present + Nc.sum() / c
-            return loss, (P, Nc - torch.log(num_present / c)), num_present
-        splits, per_split = _splits(row_tiles, class_tiles, target, max(1, 2**24 // n))
-        lse_part = torch.empty(splits, n, **f32)
-        spos_part = torch.empty(splits, n, **f32)
-        _row_forward_kernel[(row_tiles, splits)](
-            x, w, labels, lse_part, spos_part, n, c, d, x.stride(0), w.stride(0), per_split,
-            class_tiles, LOSS=code, **common)
-    spos = spos_part.sum(0)
+        sp.launch((own, splits), x, w, labels, part[0], part[1], n, c, k, d, x.stride(0),
+                  w.stride(0), per_split, loop, spec.alpha, spec.delta, 1.0 / spec.gamma,
+                  SIMILARITY_CODES[spec.similarity])
+    zero = torch.zeros((), dtype=torch.float32, device=x.device)
+    if column_wise:
+        # P_c and N_c: every MPA log-sum-exp has the zero logit.
+        P, Nc = torch.logaddexp(torch.logsumexp(part, 1), zero)
+        num_present = (torch.bincount(labels, minlength=c) > 0).sum().to(torch.float32)
+        loss = P.sum() / num_present + Nc.sum() / c
+        return loss, (P, Nc - torch.log(num_present / c)), num_present
+    lse = torch.logsumexp(part[0], 0)
+    spos = part[1].sum(0)
+    code = LOSS_CODES[spec.loss]
     if code == LOSS_SOFT_TRIPLE.value:
-        lse = torch.logsumexp(lse_part, 0)
         per_row = lse - spec.alpha * (spos - spec.delta)
         coef = torch.full_like(spos, -spec.alpha)
     else:
-        lse = torch.logsumexp(torch.cat([zero_logit.expand(1, n), lse_part]), 0)
+        lse = torch.logaddexp(lse, zero)
         if code == LOSS_MPA_DW.value:
             margin = -spec.alpha * (spos - spec.delta)
             per_row = torch.nn.functional.softplus(margin) + lse
@@ -468,70 +501,58 @@ def fused_linear_forward(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor,
         else:
             per_row = lse
             coef = torch.zeros_like(spos)
-    return per_row.mean(), (lse, coef), torch.tensor(float(n), **f32)
+    return per_row.mean(), (lse, coef), zero + n
 
 
-def _launch_backward(x, w, labels, stats, spec, options, cfg, own_columns, other, own_tiles,
-                     first_own_tile, own_rows, max_splits):
-    """One launch of :func:`_backward_kernel` over ``own_tiles`` owned tiles; returns the owned
-    gradient (fp32, summed over the splits in a fixed order)."""
+def _launch_backward(own_columns, x, w, labels, stats, spec, options, own_tiles, first_own_tile,
+                     own_rows, atomic_dx, max_bytes):
+    """One launch of :func:`_backward_kernel` owning ``own_tiles`` class tiles (``own_columns``)
+    or row tiles from ``first_own_tile``; returns the owned gradient in kernel units (fp32,
+    splits summed in a fixed order)."""
     n, d = x.shape
     c, k = spec.num_classes, spec.proxies_per_class
-    num_loop = triton.cdiv(n, cfg.block_m) if own_columns else triton.cdiv(c, cfg.block_c)
-    splits, per_split = _splits(own_tiles, num_loop, _target_programs(x.device), max_splits)
+    sp = specialisation("backward", spec.loss, k, x.dtype, options.allow_tf32)
+    block_m, block_c = _blocks(sp)
+    num_loop = triton.cdiv(n, block_m) if own_columns else triton.cdiv(c, block_c)
+    splits, per_split = _splits(own_tiles, num_loop, _target_programs(x.device),
+                                max(1, max_bytes // (4 * d * own_rows)))
     own = torch.zeros(splits, own_rows, d, dtype=torch.float32, device=x.device)
-    _backward_kernel[(own_tiles, splits)](
-        x, w, labels, stats[0], stats[1], own, own if other is None else other,
-        n, c, d, x.stride(0), w.stride(0), first_own_tile, own_rows, per_split, num_loop,
-        spec.alpha, spec.delta, 1.0 / spec.gamma, options.filter_eps * spec.alpha,
-        LOSS=LOSS_CODES[spec.loss], SIM=SIMILARITY_CODES[spec.similarity], K=k, KP=cfg.kp,
-        OWN_COLUMNS=own_columns, ATOMIC_OTHER=other is not None,
-        FILTER=options.filter_eps > 0, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c,
-        BLOCK_D=cfg.block_d, PRECISION=_precision(x.dtype, options.allow_tf32),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    sp.launch((own_tiles, splits), x, w, labels, stats[0], stats[1], own,
+              own if atomic_dx is None else atomic_dx, n, c, k, d, x.stride(0), w.stride(0),
+              first_own_tile, own_rows, per_split, num_loop, spec.alpha, spec.delta,
+              1.0 / spec.gamma, SIMILARITY_CODES[spec.similarity],
+              options.filter_eps * spec.alpha, int(own_columns), int(atomic_dx is not None))
     return own[0] if splits == 1 else own.sum(0)
 
 
 def fused_linear_backward(x, w, labels, stats, unit, spec: LossSpec, options: Options):
-    """dx_hat and dw_hat (in the inputs' dtypes) for a loss gradient of ``unit`` times the kernel
-    units. Deterministic: one launch owning row tiles (dx_hat), one owning class tiles (dw_hat).
-    Otherwise one launch owns the side with more tiles and atomically adds the other."""
+    """dx_hat and dw_hat (in the inputs' dtypes) for a loss gradient of ``unit`` kernel units.
+
+    Default: one launch owns class tiles (dw_hat) and atomically adds dx_hat. Deterministic: a
+    launch owning row tiles (dx_hat) and one owning class tiles (dw_hat), no atomics. dw_hat is
+    produced in chunks of whole class tiles, each accumulated in fp32 and cast at once, so the
+    fp32 scratch stays under ``DW_SCRATCH_BYTES`` whatever C is."""
     n, d = x.shape
     c, k = spec.num_classes, spec.proxies_per_class
-    cfg = tile_config(k, x.dtype, backward=True)
-    row_tiles = triton.cdiv(n, cfg.block_m)
-    class_tiles = triton.cdiv(c, cfg.block_c)
-    split_cap = max(1, SPLIT_SCRATCH_BYTES // (4 * d * max(n, cfg.block_c * k)))
-    dx = dx32 = None
-    own_rows_first = not options.deterministic and row_tiles > class_tiles
+    block_m, block_c = _blocks(specialisation("backward", spec.loss, k, x.dtype))
     with _device_guard(x.device):
-        if options.deterministic or own_rows_first:
-            dw32 = None if options.deterministic else torch.zeros(c * k, d, dtype=torch.float32,
-                                                                  device=x.device)
-            dx32 = _launch_backward(x, w, labels, stats, spec, options, cfg, False, dw32,
-                                    row_tiles, 0, n, split_cap)
-            dx = (dx32 * unit).to(x.dtype)
-            if dw32 is not None:
-                return dx, (dw32 * unit).to(w.dtype)
+        if options.deterministic:
+            dx32 = _launch_backward(False, x, w, labels, stats, spec, options,
+                                    triton.cdiv(n, block_m), 0, n, None, SPLIT_SCRATCH_BYTES)
+            atomic_dx = None
         else:
-            dx32 = torch.zeros(n, d, dtype=torch.float32, device=x.device)
-        # dw_hat in chunks of whole class tiles, each accumulated in fp32 and cast at once.
+            dx32 = atomic_dx = torch.zeros(n, d, dtype=torch.float32, device=x.device)
         dw = torch.empty_like(w)
-        tile_rows = cfg.block_c * k
+        class_tiles = triton.cdiv(c, block_c)
+        tile_rows = block_c * k
         chunk_tiles = max(1, DW_SCRATCH_BYTES // (4 * d * tile_rows))
         for first in range(0, class_tiles, chunk_tiles):
             tiles = min(chunk_tiles, class_tiles - first)
             rows = min(tiles * tile_rows, c * k - first * tile_rows)
-            cap = max(1, DW_SCRATCH_BYTES // (4 * d * rows))
-            part = _launch_backward(x, w, labels, stats, spec, options, cfg, True,
-                                    None if options.deterministic else dx32, tiles, first,
-                                    rows, cap)
-            start = first * tile_rows
-            dw[start:start + rows] = (part * unit).to(w.dtype)
-    if dx is None:
-        dx = (dx32 * unit).to(x.dtype)
-    return dx, dw
+            part = _launch_backward(True, x, w, labels, stats, spec, options, tiles, first,
+                                    rows, atomic_dx, DW_SCRATCH_BYTES)
+            dw[first * tile_rows:first * tile_rows + rows] = (part * unit).to(w.dtype)
+    return (dx32 * unit).to(x.dtype), dw
 
 
 class FusedLinearLossFunction(torch.autograd.Function):
@@ -572,8 +593,8 @@ def fused_linear_loss(x_hat: torch.Tensor, w_hat: torch.Tensor, labels: torch.Te
         float(filter_eps),
         torch.backends.cuda.matmul.allow_tf32 if allow_tf32 is None else bool(allow_tf32),
     )
-    if x_hat.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        # fp64 (or anything else Triton's dot does not take) is computed in fp32.
+    if x_hat.dtype not in _TRITON_DTYPES:
+        # fp64 is computed in fp32 (Triton's dot has no fp64 path; fp64 is for checking).
         x_hat, w_hat = x_hat.float(), w_hat.float()
     elif w_hat.dtype != x_hat.dtype:
         w_hat = w_hat.to(x_hat.dtype)
