@@ -1,0 +1,63 @@
+"""Ladder step 3 of GUIDE.md: every kernel specialisation the library can launch compiles for sm_80
+and sm_90 without a GPU, fp32, fp16 and bf16.
+
+The compile runs in a subprocess because conftest.py sets ``TRITON_INTERPRET=1`` for this process,
+and under it ``@triton.jit`` returns interpreter objects. The launchers and the compile check share
+one registry (``SPECIALISATIONS``, built by ``similarity.specialisation``); the second test checks
+that what the launchers actually launch is in it, with the argument types it declares.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mpa_kernels.functional as F
+from mpa_kernels.kernels import similarity
+
+ROOT = Path(__file__).resolve().parents[1]
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+                 torch.int64: "i64"}
+
+
+@pytest.mark.slow
+def test_every_specialisation_compiles_for_sm80_and_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "mpa_kernels.kernels.compile_check"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-5000:]
+    expected = 2 * len(similarity.SPECIALISATIONS)
+    assert f"compiled {expected}/{expected}" in result.stdout
+
+
+def _triton_type(value):
+    if isinstance(value, torch.Tensor):
+        return "*" + _TRITON_TYPES[value.dtype]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"unexpected kernel argument {value!r}")
+    return "i32" if isinstance(value, int) else "fp32"
+
+
+@pytest.mark.parametrize("loss,k,dtype", [("mpa", 3, torch.float32), ("mpa_dw", 10, torch.float16),
+                                          ("soft_triple", 1, torch.float32),
+                                          ("mpa_ap", 2, torch.float16)])
+def test_launched_specialisations_are_the_checked_ones(monkeypatch, loss, k, dtype):
+    launched = []
+    real_launch = similarity.Specialisation.launch
+
+    def recording_launch(self, grid, *args):
+        launched.append(self.name)
+        assert tuple(_triton_type(a) for a in args) == tuple(t for _, t in self.arg_types)
+        return real_launch(self, grid, *args)
+
+    monkeypatch.setattr(similarity.Specialisation, "launch", recording_launch)
+    fn = {"mpa": F.mpa_loss, "mpa_dw": F.mpa_dw_loss, "mpa_ap": F.mpa_ap_loss,
+          "soft_triple": F.soft_triple_loss}[loss]
+    x = torch.randn(5, 8, dtype=dtype, requires_grad=True)
+    w = torch.randn(3 * k, 8, dtype=dtype, requires_grad=True)
+    fn(x, torch.tensor([0, 1, 2, 1, 0]), w, proxies_per_class=k, backend="triton").backward()
+    assert len(launched) == 2  # one forward, one backward
+    assert set(launched) <= {spec.name for spec in similarity.SPECIALISATIONS}

@@ -1,0 +1,173 @@
+"""The ``"triton"`` backend (kernels over the similarity tensor) against the reference.
+
+Value and both gradients (embeddings and proxies, through the normalisation and the GEMM) through
+the public functional API. On CPU the kernels run in the Triton interpreter (conftest.py sets
+``TRITON_INTERPRET=1``), so shapes are tiny; on a GPU the same checks run on CUDA, bf16 included.
+The reference runs in fp64 on the very inputs the Triton backend sees (fp16/bf16-rounded for the
+low-precision cases), so the tolerances measure the backend's own error.
+"""
+
+import itertools
+
+import pytest
+import torch
+
+import mpa_kernels.functional as F
+from mpa_kernels.backends import BackendUnavailableError, resolve
+from tests.conftest import HAS_CUDA, requires_cuda
+
+LOSSES = {
+    "mpa": F.mpa_loss,
+    "mpa_dw": F.mpa_dw_loss,
+    "mpa_ap": F.mpa_ap_loss,
+    "soft_triple": F.soft_triple_loss,
+}
+SIMILARITIES = ("softmax", "max", "mean")
+KS = (1, 2, 3, 10)
+# The odd-shape grid of GUIDE.md: N = 1, N not a multiple of the 16-row block, C not a power of two.
+SHAPES = ((1, 3), (17, 7), (33, 13), (5, 11))
+# Relative error bounds (max |diff| / max |reference|): fp32 is exact up to rounding; fp16/bf16
+# round s and ds to 11/8 significant bits and the GEMMs run in that precision.
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 8e-2}
+
+
+def _cases():
+    """Every loss x K x similarity (one similarity for K = 1, where all modes agree), each with a
+    shape from the grid in turn so that the grid is covered without its full product."""
+    combos = [(loss, k, sim) for loss, k, sim in itertools.product(LOSSES, KS, SIMILARITIES)
+              if k > 1 or sim == "softmax"]
+    return [(*combo, *SHAPES[i % len(SHAPES)]) for i, combo in enumerate(combos)]
+
+
+def _inputs(n, c, k, dtype, device, d=8, labels=None):
+    x = torch.randn(n, d, device=device).to(dtype)
+    w = torch.randn(c * k, d, device=device).to(dtype)
+    y = torch.randint(0, c, (n,), device=device) if labels is None else labels.to(device)
+    return x, y, w
+
+
+def _value_and_grads(fn, x, y, w, backend, **kw):
+    x = x.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_()
+    value = fn(x, y, w, backend=backend, **kw)
+    value.backward()
+    return value.detach(), x.grad, w.grad
+
+
+def _relative_errors(got, want):
+    """max |got - want| / max |want| for the loss and both gradients. A loss near 0 is a difference
+    of terms of size ~alpha (SoftTriple's lse - z_y): its error is measured against 1 instead."""
+    errors = []
+    for name, a, b in zip(("loss", "d_embeddings", "d_proxies"), got, want):
+        assert torch.isfinite(a).all(), f"{name}: non-finite values"
+        scale = b.abs().max().clamp_min(1.0 if name == "loss" else 1e-30)
+        errors.append(float((a.double() - b).abs().max() / scale))
+    return errors
+
+
+def _assert_matches_reference(fn, x, y, w, **kw):
+    """Triton on (x, w) against the fp64 reference on the same values.
+
+    The bound is TOLERANCE[dtype] plus 10x the error of the reference itself run in fp32: a loss
+    whose softmax is saturated has gradients that are differences of nearly equal terms, and no
+    fp32 computation gets those to 2e-5 (the fp32 reference does not either).
+    """
+    got = _value_and_grads(fn, x, y, w, "triton", **kw)
+    want = _value_and_grads(fn, x.double(), y, w.double(), "reference", **kw)
+    ref32 = _value_and_grads(fn, x.float(), y, w.float(), "reference", **kw)
+    assert got[1].dtype == x.dtype and got[2].dtype == w.dtype
+    errors = _relative_errors(got, want)
+    for name, err, ref_err in zip(("loss", "d_embeddings", "d_proxies"), errors,
+                                  _relative_errors(ref32, want)):
+        bound = TOLERANCE[x.dtype] + 10 * ref_err
+        assert err <= bound, f"{name}: relative error {err:.2e} > {bound:.2e}"
+    return errors
+
+
+@pytest.mark.parametrize("loss,k,similarity,n,c", _cases())
+def test_matches_reference_fp32(loss, k, similarity, n, c):
+    x, y, w = _inputs(n, c, k, torch.float32, "cpu")
+    _assert_matches_reference(LOSSES[loss], x, y, w, proxies_per_class=k, similarity=similarity)
+
+
+@pytest.mark.parametrize("loss,k,similarity", [
+    (loss, k, sim) for loss in LOSSES for k, sim in ((1, "softmax"), (3, "max"), (10, "softmax"),
+                                                     (2, "mean"))
+])
+def test_matches_reference_fp16(loss, k, similarity):
+    x, y, w = _inputs(17, 7, k, torch.float16, "cpu")
+    _assert_matches_reference(LOSSES[loss], x, y, w, proxies_per_class=k, similarity=similarity)
+
+
+def _edge_labels(case, n, c):
+    if case == "single_class":
+        return torch.full((n,), c - 2)
+    if case == "absent_classes":  # only 3 of the c classes appear in the batch
+        return torch.arange(n) % 3
+    return torch.randint(0, c, (n,))
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("case,n,c,k,alpha", [
+    ("single_class", 9, 5, 3, None),
+    ("absent_classes", 12, 11, 2, None),
+    ("alpha_64", 19, 6, 10, 64.0),
+    ("n_1_k_10", 1, 4, 10, 64.0),
+    # several class blocks (BLOCK_C = 64 at K = 2) and rows split across programs
+    ("many_classes", 40, 150, 2, None),
+])
+def test_edge_cases(loss, case, n, c, k, alpha):
+    x, y, w = _inputs(n, c, k, torch.float32, "cpu", labels=_edge_labels(case, n, c))
+    kw = {} if alpha is None else {"alpha": alpha}
+    _assert_matches_reference(LOSSES[loss], x, y, w, proxies_per_class=k, **kw)
+
+
+@pytest.mark.parametrize("fn", [F.proxy_anchor_loss, F.proxy_nca_loss])
+@pytest.mark.parametrize("n,c", [(1, 3), (21, 9)])
+def test_single_proxy_baselines(fn, n, c):
+    x, y, w = _inputs(n, c, 1, torch.float32, "cpu")
+    _assert_matches_reference(fn, x, y, w)
+
+
+def test_fp64_inputs_are_computed_in_fp32():
+    x, y, w = _inputs(10, 5, 3, torch.float64, "cpu")
+    got = _value_and_grads(F.mpa_loss, x, y, w, "triton", proxies_per_class=3)
+    want = _value_and_grads(F.mpa_loss, x, y, w, "reference", proxies_per_class=3)
+    assert all(t.dtype == torch.float64 for t in got)
+    for a, b in zip(got, want):
+        assert float((a - b).abs().max() / b.abs().max()) < 2e-5
+
+
+def test_too_many_proxies_per_class_is_a_clear_error():
+    x, y, w = _inputs(4, 2, 33, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="up to 32 proxies per class"):
+        F.mpa_loss(x, y, w, proxies_per_class=33, backend="triton")
+
+
+def test_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        resolve("triton", torch.device("cpu"))
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter runs only without CUDA")
+def test_interpreter_is_available_on_cpu():
+    assert resolve("triton", torch.device("cpu")).__name__.endswith("triton_s")
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("loss,k,similarity,n,c", _cases())
+def test_matches_reference_cuda(dtype, loss, k, similarity, n, c):
+    x, y, w = _inputs(n, c, k, dtype, "cuda")
+    _assert_matches_reference(LOSSES[loss], x, y, w, proxies_per_class=k, similarity=similarity)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_matches_reference_cuda_realistic(dtype, loss):
+    """CUB-like and SOP-like shapes: many class blocks and forward splits."""
+    for n, c, k in ((180, 100, 10), (256, 2000, 2)):
+        x, y, w = _inputs(n, c, k, dtype, "cuda", d=64)
+        _assert_matches_reference(LOSSES[loss], x, y, w, proxies_per_class=k)
