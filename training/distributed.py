@@ -1,0 +1,94 @@
+"""Process-group set-up for torchrun, and the two gathers the harness needs.
+
+Why the loss sees every rank's embeddings: proxy losses are not sums over samples (MPA's positive
+term is a log-sum-exp per class over the batch), so the paper's loss on a global batch of B is not
+the mean of W losses on B/W. Each rank gathers all embeddings *with their gradient*, computes the
+same loss on the same global batch, and backpropagates. ``torch.distributed.nn.functional
+.all_gather``'s backward sums the incoming gradients over ranks, so rank r's embeddings receive
+W * dL/dx_r (every rank contributes the identical dL/dx_r). DDP then averages parameter gradients
+over the W ranks: (1/W) * sum_r W * (dL/dx_r)(dx_r/dtheta) = dL/dtheta, exactly the gradient of
+one process on the whole batch. The proxies live in the DDP-wrapped module too; their gradient is
+the same on every rank and averaging keeps them in sync.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init(device: str) -> Context:
+    """Join the process group that torchrun describes (WORLD_SIZE > 1), or run alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                                device_id=dev if dev.type == "cuda" else None)
+    return Context(rank, world, dev)
+
+
+def gather_with_grad(x: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """All ranks' ``x`` concatenated in rank order, differentiable (see the module docstring)."""
+    if not ctx.distributed:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)
+
+
+def gather(x: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """All ranks' ``x`` (first dimensions may differ by rank) concatenated in rank order."""
+    if not ctx.distributed:
+        return x
+    size = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(size) for _ in range(ctx.world_size)]
+    dist.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    padded = x.new_zeros((longest, *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)], dim=0)
+
+
+def gather_objects(obj, ctx: Context) -> list:
+    if not ctx.distributed:
+        return [obj]
+    out = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(ctx: Context) -> None:
+    if ctx.distributed:
+        dist.barrier()
+
+
+def shutdown(ctx: Context) -> None:
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()
