@@ -212,9 +212,15 @@ def _check_embeddings(embeddings, labels, name: str, labels_name: str) -> None:
         raise ValueError(f"{name} contain NaN or infinite values")
 
 
-def _normalise(embeddings: torch.Tensor, name: str, device: torch.device) -> torch.Tensor:
-    """L2-normalised float32 (float64 stays float64) copy on ``device``; a zero row is an error."""
-    dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+def _compute_dtype(*embeddings: torch.Tensor) -> torch.dtype:
+    """float64 if any input is, else float32: half-precision similarities would tie too often."""
+    return torch.float64 if any(e.dtype == torch.float64 for e in embeddings) else torch.float32
+
+
+def _normalise(
+    embeddings: torch.Tensor, name: str, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """L2-normalised copy in ``dtype`` on ``device``; a row of zeros is an error."""
     x = embeddings.to(device=device, dtype=dtype)
     norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
     if bool((norms == 0).any()):
@@ -314,8 +320,12 @@ def retrieval_metrics(
         _check_int("chunk_size", chunk_size)
     device = embeddings.device if device is None else torch.device(device)
 
-    searched = _normalise(reference_embeddings, "reference_embeddings", device)
-    queries = searched if same_source else _normalise(embeddings, "embeddings", device)
+    dtype = _compute_dtype(embeddings, reference_embeddings)
+    if same_source:
+        searched = queries = _normalise(embeddings, "embeddings", device, dtype)
+    else:
+        searched = _normalise(reference_embeddings, "reference_embeddings", device, dtype)
+        queries = _normalise(embeddings, "embeddings", device, dtype)
     searched_labels = reference_labels.to(device=device, dtype=torch.int64)
     query_labels = labels.to(device=device, dtype=torch.int64)
 
@@ -407,7 +417,7 @@ def nmi(embeddings: torch.Tensor, labels: torch.Tensor, *, seed: int = 0) -> flo
     from sklearn.cluster import KMeans
     from sklearn.metrics import normalized_mutual_info_score
 
-    x = _normalise(embeddings, "embeddings", torch.device("cpu")).numpy()
+    x = _normalise(embeddings, "embeddings", torch.device("cpu"), torch.float32).numpy()
     y = labels.cpu().numpy()
     num_classes = len(set(y.tolist()))
     clusters = KMeans(n_clusters=num_classes, n_init=1, random_state=seed).fit_predict(x)

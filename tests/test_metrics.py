@@ -176,6 +176,15 @@ def test_reference_set_equals_pml():
     assert ours["num_queries_without_positive"] == 3 and ours["num_queries"] == 147
 
 
+def test_mixed_precision_queries_and_reference():
+    x, labels = clustered(200, 16, 20, 0.8, seed=16)
+    ref = dict(reference_embeddings=x[80:], reference_labels=labels[80:])
+    exact = metrics.evaluate(x[:80], labels[:80], **ref)
+    assert metrics.evaluate(x[:80].float(), labels[:80], **ref) == exact  # computed in float64
+    ref["reference_embeddings"] = ref["reference_embeddings"].bfloat16()
+    assert_close(metrics.evaluate(x[:80].half(), labels[:80], **ref), exact, tol=1.0)
+
+
 # --- everything against a brute-force ranking ---------------------------------------------------
 
 
@@ -328,7 +337,9 @@ BAD_INPUTS = [  # (what, call, error, message)
     ("N mismatch", lambda: ev(X, Y[:5]), ValueError, "6 rows but labels has 5"),
     ("NaN", lambda: ev(ROW2[0], Y), ValueError, "NaN or infinite"),
     ("inf", lambda: ev(X / 0, Y), ValueError, "NaN or infinite"),
-    ("zero row", lambda: ev(ROW2[1], Y), ValueError, "row of zeros"),
+    ("zero row", lambda: ev(ROW2[1], Y), ValueError, "^embeddings has a row of zeros"),
+    ("zero reference row", lambda: ev(X, Y, reference_embeddings=ROW2[1], reference_labels=Y),
+     ValueError, "reference_embeddings has a row of zeros"),
     ("no positive anywhere", lambda: ev(X, torch.arange(6)), ValueError,
      "no query has a relevant item"),
     ("reference without labels", lambda: ev(X, Y, reference_embeddings=X), ValueError, "together"),
