@@ -20,8 +20,9 @@ HYPER = {"mpa": (32.0, 0.1), "mpa_dw": (32.0, 0.1), "mpa_ap": (32.0, 0.1),
          "soft_triple": (20.0, 0.01)}
 
 
-@pytest.mark.parametrize("loss,similarity,k", [("mpa", "softmax", 3), ("mpa_dw", "max", 2),
-                                               ("mpa_ap", "mean", 3), ("soft_triple", "softmax", 1)])
+@pytest.mark.parametrize("loss,similarity,k", [
+    ("mpa", "softmax", 3), ("mpa_dw", "max", 2), ("mpa_ap", "mean", 3), ("soft_triple", "softmax", 1),
+])
 def test_opcheck(loss, similarity, k):
     n, c = 9, 4
     s = torch.randn(n, c * k, device=DEVICE).tanh().requires_grad_()

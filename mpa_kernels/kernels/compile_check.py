@@ -4,10 +4,12 @@ Ladder step 3 of GUIDE.md: Triton compiles for a CUDA target with no GPU present
 what the interpreter forgives (dtype rules, layouts, register and shared-memory limits reported by
 ptxas). Run it as::
 
-    python -m mpa_kernels.kernels.compile_check [--module NAME ...] [--arch 80 90] [--jobs N] [--list]
+    python -m mpa_kernels.kernels.compile_check [--module NAME ...] [--arch 80 90] [--jobs N]
+                                                [--list]
 
 Without ``--module`` it checks every module in :data:`MODULES`; the tests check one module each so
-that each stays within its own time budget. It exits 0 when everything compiles and 1 with one message per failure otherwise.
+that each stays within its own time budget. It exits 0 when everything compiles and 1 with one
+message per failure otherwise.
 
 Each module named in :data:`MODULES` defines ``SPECIALISATIONS``: the variants its launchers can
 produce, built by the same function the launchers call (so the list cannot drift from what runs).

@@ -28,6 +28,7 @@ that ``torch.compile`` sees one opaque node, not a graph break.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,7 @@ NUM_WARPS = 8
 # A class's K proxies live in one tile, and every power of two up to this is a compiled variant
 # (x 3 dtypes x 2 architectures in CI); the paper uses K <= 16.
 MAX_PROXIES_PER_CLASS = 32
+
 
 @triton.jit
 def _logit_tile(s_ptr, labels, rows, cls, N, C, K, alpha, delta, inv_gamma,
@@ -235,9 +237,13 @@ class Specialisation:
         return sig
 
     def launch(self, grid, *args) -> None:
+        """Launch on the device of the tensor arguments (Triton launches on the current one)."""
         if len(args) != len(self.arg_types):
-            raise TypeError(f"{self.name}: expected {len(self.arg_types)} arguments, got {len(args)}")
-        self.kernel[grid](*args, **dict(self.constexprs), num_warps=self.num_warps)
+            raise TypeError(
+                f"{self.name}: expected {len(self.arg_types)} arguments, got {len(args)}")
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            self.kernel[grid](*args, **dict(self.constexprs), num_warps=self.num_warps)
 
 
 def _k_pad(proxies_per_class: int) -> int:
@@ -317,15 +323,18 @@ def similarity_loss_forward(s: torch.Tensor, labels: torch.Tensor, loss: str, nu
     spec.launch((owned, splits), s, labels, part, n, c, k, per_split, alpha, delta, 1.0 / gamma,
                 SIMILARITY_CODES[similarity])
 
-    lse = torch.logsumexp(part, dim=1)  # (2, C) or (2, N): merge the splits
+    # Merge the splits' partial log-sum-exps; the zero logit, where the loss has one, joins here
+    # once (every MPA log-sum-exp, the MPA-DW and MPA-AP row LSEs; not SoftTriple's softmax).
     zero = torch.zeros((), device=s.device, dtype=torch.float32)
     if column_wise:
-        stats = torch.logaddexp(lse, zero)  # every MPA log-sum-exp has the zero logit
+        stats = torch.logaddexp(torch.logsumexp(part, dim=1), zero)
         present = torch.zeros(c, device=s.device, dtype=torch.bool).index_fill_(0, labels, True)
         weights = torch.stack([1.0 / present.sum().float(), zero + 1.0 / c])
         value = (stats * weights[:, None]).sum()
     else:
-        stats = lse[0] if LOSS_CODES[loss] == LOSS_SOFT_TRIPLE.value else torch.logaddexp(lse[0], zero)
+        stats = torch.logsumexp(part[0], dim=0)
+        if LOSS_CODES[loss] != LOSS_SOFT_TRIPLE.value:
+            stats = torch.logaddexp(stats, zero)
         positive = part[1].sum(dim=0)
         weights = torch.full((2,), 1.0 / n, device=s.device, dtype=torch.float32)
         value = (stats + positive).sum() / n
