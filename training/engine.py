@@ -127,6 +127,7 @@ class Run:
     def __init__(self, cfg: dict, loss: str, seed: int, run_dir: Path, ctx: Context):
         self.cfg, self.loss_name, self.seed, self.dir, self.ctx = cfg, loss, seed, run_dir, ctx
         self.splits = datasets.load(cfg)
+        self.sampler = GlobalBatchSampler(len(self.splits.train), cfg["batch_size"], ctx, seed)
         sample = self.splits.train[0][0]
         # Same seed on every rank for the initialisation (DDP also broadcasts rank 0's weights).
         _seed_all(seed)
@@ -143,7 +144,6 @@ class Run:
                                                          cfg["lr_decay"])
         self.train_model = (DistributedDataParallel(self.model) if ctx.distributed
                             else self.model)
-        self.sampler = GlobalBatchSampler(len(self.splits.train), cfg["batch_size"], ctx, seed)
         # Augmentation streams differ between ranks.
         _seed_all(seed * 1000 + ctx.rank + 1)
         self.epoch, self.history, self.best = 0, [], None
