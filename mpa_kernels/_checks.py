@@ -11,6 +11,38 @@ from __future__ import annotations
 import torch
 
 
+def check_embeddings_and_labels(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    validate: bool = True,
+    names: tuple[str, str] = ("embeddings", "labels"),
+) -> None:
+    """Structure of an ``(N, d)`` float tensor and its ``(N,)`` integer labels; with ``validate``,
+    also that the embeddings are finite. Used by the losses and by the metrics."""
+    name, labels_name = names
+    for arg, t in ((name, embeddings), (labels_name, labels)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
+    if embeddings.dim() != 2:
+        raise ValueError(f"{name} must have shape (N, d), got {tuple(embeddings.shape)}")
+    if labels.dim() != 1:
+        raise ValueError(f"{labels_name} must have shape (N,), got {tuple(labels.shape)}")
+    if not embeddings.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {embeddings.dtype}")
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"{labels_name} must be an integer tensor, got {labels.dtype}")
+    if embeddings.shape[0] == 0:
+        raise ValueError(f"empty batch: {name} has no rows")
+    if embeddings.shape[1] == 0:
+        raise ValueError(f"{name} has embedding size 0")
+    if labels.shape[0] != embeddings.shape[0]:
+        raise ValueError(
+            f"{name} has {embeddings.shape[0]} rows but {labels_name} has {labels.shape[0]} entries"
+        )
+    if validate and not bool(torch.isfinite(embeddings).all()):
+        raise ValueError(f"{name} contain NaN or infinite values")
+
+
 def check_inputs(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
@@ -19,32 +51,17 @@ def check_inputs(
     validate: bool = True,
 ) -> int:
     """Check the tensors of one loss call; return the number of classes ``C``."""
-    for name, t in (("embeddings", embeddings), ("labels", labels), ("proxies", proxies)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if embeddings.dim() != 2:
-        raise ValueError(f"embeddings must have shape (N, d), got {tuple(embeddings.shape)}")
+    check_embeddings_and_labels(embeddings, labels, validate)
+    if not isinstance(proxies, torch.Tensor):
+        raise TypeError(f"proxies must be a torch.Tensor, got {type(proxies).__name__}")
     if proxies.dim() != 2:
         raise ValueError(f"proxies must have shape (C * K, d), got {tuple(proxies.shape)}")
-    if labels.dim() != 1:
-        raise ValueError(f"labels must have shape (N,), got {tuple(labels.shape)}")
-    if not embeddings.is_floating_point():
-        raise TypeError(f"embeddings must be a floating-point tensor, got {embeddings.dtype}")
     if not proxies.is_floating_point():
         raise TypeError(f"proxies must be a floating-point tensor, got {proxies.dtype}")
-    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
-        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-    n = embeddings.shape[0]
-    if n == 0:
-        raise ValueError("empty batch: embeddings has no rows")
-    if labels.shape[0] != n:
-        raise ValueError(f"embeddings has {n} rows but labels has {labels.shape[0]} entries")
     if embeddings.shape[1] != proxies.shape[1]:
         raise ValueError(
             f"embedding size {embeddings.shape[1]} differs from the proxies' {proxies.shape[1]}"
         )
-    if embeddings.shape[1] == 0:
-        raise ValueError("embedding size must be at least 1")
     if embeddings.device != proxies.device or embeddings.device != labels.device:
         raise ValueError(
             "embeddings, labels and proxies must be on one device, got "
@@ -64,8 +81,6 @@ def check_inputs(
             raise ValueError(
                 f"labels must lie in [0, {num_classes}), got values in [{lo}, {hi}]"
             )
-        if not bool(torch.isfinite(embeddings).all()):
-            raise ValueError("embeddings contain NaN or infinite values")
         if not bool(torch.isfinite(proxies).all()):
             raise ValueError("proxies contain NaN or infinite values")
     return num_classes

@@ -45,6 +45,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from mpa_kernels._checks import check_embeddings_and_labels
+
 __all__ = [
     "evaluate",
     "map_at_r",
@@ -188,30 +190,6 @@ def ranking_metrics(relevance, num_relevant, metrics: Sequence[str]) -> dict[str
 # --------------------------------------------------------------------------------------------
 
 
-def _check_embeddings(embeddings, labels, name: str, labels_name: str) -> None:
-    for arg, t in ((name, embeddings), (labels_name, labels)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
-    if embeddings.dim() != 2:
-        raise ValueError(f"{name} must have shape (N, d), got {tuple(embeddings.shape)}")
-    if labels.dim() != 1:
-        raise ValueError(f"{labels_name} must have shape (N,), got {tuple(labels.shape)}")
-    if not embeddings.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {embeddings.dtype}")
-    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
-        raise TypeError(f"{labels_name} must be an integer tensor, got {labels.dtype}")
-    if embeddings.shape[0] == 0:
-        raise ValueError(f"{name} is empty: no rows")
-    if embeddings.shape[1] == 0:
-        raise ValueError(f"{name} has embedding size 0")
-    if labels.shape[0] != embeddings.shape[0]:
-        raise ValueError(
-            f"{name} has {embeddings.shape[0]} rows but {labels_name} has {labels.shape[0]} entries"
-        )
-    if not bool(torch.isfinite(embeddings).all()):
-        raise ValueError(f"{name} contain NaN or infinite values")
-
-
 def _compute_dtype(*embeddings: torch.Tensor) -> torch.dtype:
     """float64 if any input is, else float32: half-precision similarities would tie too often."""
     return torch.float64 if any(e.dtype == torch.float64 for e in embeddings) else torch.float32
@@ -301,15 +279,16 @@ def retrieval_metrics(
     relevant (so ``recall@8`` of a 5-row set is its ``recall@4``).
     """
     parsed = _parse_metrics(metrics)
-    _check_embeddings(embeddings, labels, "embeddings", "labels")
+    check_embeddings_and_labels(embeddings, labels)
     same_source = reference_embeddings is None and reference_labels is None
     if same_source:
         reference_embeddings, reference_labels = embeddings, labels
     elif reference_embeddings is None or reference_labels is None:
         raise ValueError("give reference_embeddings and reference_labels together, or neither")
     else:
-        _check_embeddings(
-            reference_embeddings, reference_labels, "reference_embeddings", "reference_labels"
+        check_embeddings_and_labels(
+            reference_embeddings, reference_labels,
+            names=("reference_embeddings", "reference_labels"),
         )
         if reference_embeddings.shape[1] != embeddings.shape[1]:
             raise ValueError(
@@ -412,7 +391,7 @@ def nmi(embeddings: torch.Tensor, labels: torch.Tensor, *, seed: int = 0) -> flo
     scikit-learn's default and pytorch-metric-learning's. Costs about N x C x d per iteration, which
     for SOP (11,316 classes) is minutes on a CPU.
     """
-    _check_embeddings(embeddings, labels, "embeddings", "labels")
+    check_embeddings_and_labels(embeddings, labels)
     _check_int("seed", seed, minimum=0)
     from sklearn.cluster import KMeans
     from sklearn.metrics import normalized_mutual_info_score
