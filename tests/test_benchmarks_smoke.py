@@ -1,0 +1,65 @@
+"""The benchmark harness end to end on the tiniest shape: every provider that runs on this machine
+(except torch.compile, whose compile alone takes most of a minute on a CPU) writes a results file
+with the documented fields and sane figures, and the charts render."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from benchmarks.__main__ import main
+from benchmarks.providers import Case
+from benchmarks.runner import CSV_FIELDS
+from benchmarks.shapes import SHAPES
+
+
+@pytest.fixture(scope="module")
+def doc(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    threads = torch.get_num_threads()
+    # One thread: tiny ops on two threads of a busy 2-core machine wait on each other.
+    try:
+        result = main(["--device", "cpu", "--shapes", "tiny", "--losses", "mpa,proxy_anchor",
+                       "--providers", "reference,pml,torch,floor", "--repeats", "1",
+                       "--threads", "1", "--out", str(out), "--tag", "smoke"])
+    finally:
+        torch.set_num_threads(threads)
+    return result, out
+
+
+def test_results_file_schema(doc):
+    result, out = doc
+    (json_path,) = out.glob("*-smoke.json")
+    assert json.loads(json_path.read_text()) == json.loads(json.dumps(result))
+    env = result["environment"]
+    for key in ("device_name", "cpu_model", "torch", "triton", "git_commit", "torch_threads"):
+        assert key in env
+    assert env["torch_threads"] == 1
+    rows = result["results"]
+    providers = {(r["loss"], r["provider"]) for r in rows}
+    assert ("mpa", "reference") in providers and ("mpa", "floor") in providers
+    assert ("proxy_anchor", "pml") in providers and ("mpa", "pml") not in providers
+    for r in rows:
+        assert r["status"] == "ok", r
+        for kind in ("forward", "forward_backward"):
+            t = r[kind]
+            assert 0 < t["min_s"] <= t["median_s"] <= t["max_s"] and t["repeats"] == 1
+        # Gradients of the embeddings and proxies are allocated inside forward+backward.
+        s = SHAPES["tiny"] if r["loss"] == "mpa" else SHAPES["tiny"].with_k(1)
+        assert r["peak_forward_backward_bytes"] >= 4 * (s.n + s.c * s.k) * s.d
+        assert r["forward_backward_vs_floor"] > 0
+        assert r["forward_vs_reference"] is not None
+        if r["provider"] != "floor":
+            assert r["loss_rel_diff_to_reference"] < 1e-4, r
+    (csv_path,) = out.glob("*-smoke.csv")
+    lines = [ln for ln in csv_path.read_text().splitlines() if not ln.startswith("#")]
+    table = list(csv.DictReader(lines))
+    assert list(table[0]) == CSV_FIELDS and len(table) == len(rows)
+    assert len(list(out.glob("*-smoke-*.png"))) == 2
+
+
+def test_case_inputs_require_grad():
+    case = Case.make("proxy_nca", SHAPES["tiny"], torch.float32, torch.device("cpu"))
+    assert case.shape.k == 1 and case.proxies.shape == (SHAPES["tiny"].c, SHAPES["tiny"].d)
+    assert case.embeddings.requires_grad and case.proxies.requires_grad
