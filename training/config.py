@@ -212,6 +212,9 @@ def build(file_values: dict, overrides: list[str] = ()) -> list[dict]:
             apply_override(cfg, assignment)
         validate(cfg)
         configs.append(cfg)
+    names = [c["name"] for c in configs]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"experiments share a name (and so an output folder): {names}")
     return configs
 
 

@@ -3,10 +3,9 @@
 Why the loss sees every rank's embeddings: proxy losses are not sums over samples (MPA's positive
 term is a log-sum-exp per class over the batch), so the paper's loss on a global batch of B is not
 the mean of W losses on B/W. Each rank gathers all embeddings *with their gradient*, computes the
-same loss on the same global batch, and backpropagates. ``torch.distributed.nn.functional
-.all_gather``'s backward sums the incoming gradients over ranks, so rank r's embeddings receive
-W * dL/dx_r (every rank contributes the identical dL/dx_r). DDP then averages parameter gradients
-over the W ranks: (1/W) * sum_r W * (dL/dx_r)(dx_r/dtheta) = dL/dtheta, exactly the gradient of
+same loss on the same global batch, and backpropagates. The gather's backward sums the incoming
+gradients over ranks, so rank r's embeddings receive W * dL/dx_r (every rank contributes the
+identical dL/dx_r). DDP then averages parameter gradients over the W ranks: (1/W) * sum_r W * (dL/dx_r)(dx_r/dtheta) = dL/dtheta, exactly the gradient of
 one process on the whole batch. The proxies live in the DDP-wrapped module too; their gradient is
 the same on every rank and averaging keeps them in sync.
 """
@@ -52,13 +51,33 @@ def init(device: str) -> Context:
     return Context(rank, world, dev)
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward sums the gradient over ranks and keeps this rank's slice.
+
+    The sum is an all-reduce of the whole (B, d) gradient rather than a reduce-scatter, which gloo
+    lacks; embeddings are small next to the network, so the extra traffic does not matter.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+        ctx.rank, ctx.world_size = rank, world_size
+        parts = [torch.empty_like(x) for _ in range(world_size)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(ctx.world_size, dim=0)[ctx.rank], None, None
+
+
 def gather_with_grad(x: torch.Tensor, ctx: Context) -> torch.Tensor:
-    """All ranks' ``x`` concatenated in rank order, differentiable (see the module docstring)."""
+    """All ranks' ``x`` (same shape on every rank) in rank order, differentiable: rank r's slice
+    receives the sum over ranks of the gradient with respect to it (see the module docstring)."""
     if not ctx.distributed:
         return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x), dim=0)
+    return _GatherWithGrad.apply(x, ctx.rank, ctx.world_size)
 
 
 def gather(x: torch.Tensor, ctx: Context) -> torch.Tensor:

@@ -85,12 +85,16 @@ class GlobalBatchSampler(Sampler):
         return self.size // self.batch_size
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.size, generator=g)
+        order = torch.randperm(self.size, generator=epoch_generator(self.seed, self.epoch, 0))
         local = self.batch_size // self.ctx.world_size
         for step in range(len(self)):
             start = step * self.batch_size + self.ctx.rank * local
             yield order[start:start + local].tolist()
+
+
+def epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
+    """A generator fixed by (seed, epoch, stream): the same on every rank and after a resume."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + 2 * epoch + stream)
 
 
 def _seed_all(seed: int) -> None:
@@ -142,8 +146,11 @@ class Run:
             weight_decay=cfg["weight_decay"])
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, cfg["lr_step"],
                                                          cfg["lr_decay"])
-        self.train_model = (DistributedDataParallel(self.model) if ctx.distributed
-                            else self.model)
+        if ctx.distributed:
+            ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=ids)
+        else:
+            self.train_model = self.model
         # Augmentation streams differ between ranks.
         _seed_all(seed * 1000 + ctx.rank + 1)
         self.epoch, self.history, self.best = 0, [], None
@@ -157,7 +164,8 @@ class Run:
                 "loss": self.loss_name, "seed": self.seed, "config": self.cfg}
 
     def load(self, path: Path) -> None:
-        ckpt = torch.load(path, map_location=self.ctx.device, weights_only=False)
+        # On the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest.
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
         if ckpt["loss"] != self.loss_name:
             raise ConfigError(f"{path} is a {ckpt['loss']} checkpoint, not {self.loss_name}")
         if len(ckpt["rng"]) != self.ctx.world_size:
@@ -186,8 +194,9 @@ class Run:
 
     # -- training ------------------------------------------------------------------------------
     def _loader(self, dataset, **kwargs) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return DataLoader(dataset, num_workers=self.cfg["num_workers"], generator=g,
+        # The generator fixes the worker seeds, so augmentations in workers are reproducible too.
+        return DataLoader(dataset, num_workers=self.cfg["num_workers"],
+                          generator=epoch_generator(self.seed, self.epoch, 1),
                           pin_memory=self.ctx.device.type == "cuda", **kwargs)
 
     def _progress(self, iterable, desc: str):
@@ -201,7 +210,7 @@ class Run:
         self.train_model.train()
         self.sampler.epoch = self.epoch
         loader = self._loader(self.splits.train, batch_sampler=self.sampler)
-        total, steps = 0.0, 0
+        total, steps = torch.zeros((), device=self.ctx.device), 0
         desc = f"{DISPLAY_NAMES[self.loss_name]} seed {self.seed} epoch {self.epoch + 1}"
         for x, y in self._progress(loader, desc):
             x = x.to(self.ctx.device, non_blocking=True)
@@ -211,10 +220,10 @@ class Run:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            total += loss.item()
+            total += loss.detach()  # no host sync per step
             steps += 1
         self.scheduler.step()
-        return total / max(steps, 1)
+        return total.item() / max(steps, 1)
 
     @torch.no_grad()
     def embed(self, dataset) -> tuple[torch.Tensor, torch.Tensor]:
