@@ -149,17 +149,21 @@ def _class_tile(s, inv_gamma, K, SIM, KP: tl.constexpr,
 
 
 @triton.jit
-def _tile_logits(S, cls, labels, row_mask, C, alpha, delta, LOSS: tl.constexpr):
+def _tile_logits(S, cls, labels, row_mask, C, alpha, delta, loss):
     """common's per-loss logits of a tile with the positive / in-range masks. ``include`` says
     which logits enter a row-wise log-sum-exp: MPA-DW's runs over negatives only (its positive
-    has a softplus term of its own); column-wise kernels split ``valid`` by ``pos``."""
+    has a softplus term of its own); column-wise kernels split ``valid`` by ``pos``.
+
+    ``loss`` is a runtime code (one compiled kernel serves every loss). common's
+    ``loss_logits`` takes a constexpr, but it has only two formulas, SoftTriple's and the one
+    MPA, MPA-DW and MPA-AP share, so each branch below calls it with a constant."""
     pos = labels[:, None] == cls[None, :]
     valid = row_mask[:, None] & (cls < C)[None, :]
-    z, sign = loss_logits(S, pos, alpha, delta, LOSS)
-    if LOSS == LOSS_MPA_DW:
-        include = valid & (pos == 0)
+    if loss == LOSS_SOFT_TRIPLE:
+        z, sign = loss_logits(S, pos, alpha, delta, LOSS_SOFT_TRIPLE)
     else:
-        include = valid
+        z, sign = loss_logits(S, pos, alpha, delta, LOSS_MPA)
+    include = valid & ((pos == 0) | (loss != LOSS_MPA_DW))
     return z, sign, pos, valid, include
 
 
@@ -173,8 +177,8 @@ def _tile_logits(S, cls, labels, row_mask, C, alpha, delta, LOSS: tl.constexpr):
 def _row_forward_kernel(
     x_ptr, w_ptr, labels_ptr, part0_ptr, part1_ptr,
     N, C, K, D, stride_x, stride_w, tiles_per_split, num_tiles,
-    alpha, delta, inv_gamma, SIM,
-    LOSS: tl.constexpr, KP: tl.constexpr,
+    alpha, delta, inv_gamma, SIM, loss,
+    KP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -192,7 +196,7 @@ def _row_forward_kernel(
                              stride_w, BLOCK_M, BLOCK_C * KP, BLOCK_D, PRECISION)
         s3, S, q = _class_tile(s, inv_gamma, K, SIM, KP, BLOCK_M, BLOCK_C)
         z, sign, pos, valid, include = _tile_logits(S, cls, labels, row_mask, C, alpha, delta,
-                                                    LOSS)
+                                                    loss)
         m, l = online_lse_update(m, l, z, include, 1)
         spos += tl.sum(tl.where(pos & valid, S, 0.0), 1)
     out = split.to(tl.int64) * N + rows
@@ -204,8 +208,8 @@ def _row_forward_kernel(
 def _column_forward_kernel(
     x_ptr, w_ptr, labels_ptr, part0_ptr, part1_ptr,
     N, C, K, D, stride_x, stride_w, tiles_per_split, num_tiles,
-    alpha, delta, inv_gamma, SIM,
-    LOSS: tl.constexpr, KP: tl.constexpr,
+    alpha, delta, inv_gamma, SIM, loss,
+    KP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -224,7 +228,7 @@ def _column_forward_kernel(
                              stride_w, BLOCK_M, BLOCK_C * KP, BLOCK_D, PRECISION)
         s3, S, q = _class_tile(s, inv_gamma, K, SIM, KP, BLOCK_M, BLOCK_C)
         z, sign, pos, valid, include = _tile_logits(S, cls, labels, row_mask, C, alpha, delta,
-                                                    LOSS)
+                                                    loss)
         m_pos, l_pos = online_lse_update(m_pos, l_pos, z, valid & pos, 0)
         m_neg, l_neg = online_lse_update(m_neg, l_neg, z, valid & (pos == 0), 0)
     out = split.to(tl.int64) * C + cls
@@ -250,17 +254,17 @@ def _column_forward_kernel(
 #     positives -alpha e^(z - P_c), negatives alpha (|C+| / C) e^(z - N_c); the host folds
 #     |C+| / C into the negatives' statistic: stat1_c = N_c - log(|C+| / C). coef = 0.
 @triton.jit
-def _class_grad(S, cls, rows, labels, row_mask, C, stat0_ptr, stat1_ptr, alpha, delta,
-                LOSS: tl.constexpr):
-    z, sign, pos, valid, include = _tile_logits(S, cls, labels, row_mask, C, alpha, delta, LOSS)
-    if LOSS == LOSS_MPA:
+def _class_grad(S, cls, rows, labels, row_mask, C, stat0_ptr, stat1_ptr, alpha, delta, loss):
+    z, sign, pos, valid, include = _tile_logits(S, cls, labels, row_mask, C, alpha, delta, loss)
+    if loss == LOSS_MPA:
         cls_mask = cls < C
         lse_pos = tl.load(stat0_ptr + cls, mask=cls_mask, other=0.0)
         lse_neg = tl.load(stat1_ptr + cls, mask=cls_mask, other=0.0)
         lse = tl.where(pos, lse_pos[None, :], lse_neg[None, :])
         coef = tl.zeros_like(S)
     else:
-        lse = tl.load(stat0_ptr + rows, mask=row_mask, other=0.0)[:, None]
+        # Full tiles: both branches of a runtime switch must give the same shapes.
+        lse = tl.load(stat0_ptr + rows, mask=row_mask, other=0.0)[:, None] + tl.zeros_like(S)
         coef = tl.where(pos, tl.load(stat1_ptr + rows, mask=row_mask, other=0.0)[:, None], 0.0)
     dS = tl.where(include, alpha * sign * tl.exp(z - lse), 0.0)
     return tl.where(valid, dS + coef, 0.0)
@@ -270,8 +274,8 @@ def _class_grad(S, cls, rows, labels, row_mask, C, stat0_ptr, stat1_ptr, alpha, 
 def _backward_kernel(
     x_ptr, w_ptr, labels_ptr, stat0_ptr, stat1_ptr, own_ptr, dx_ptr,
     N, C, K, D, stride_x, stride_w, first_own_tile, own_rows, tiles_per_split, num_loop_tiles,
-    alpha, delta, inv_gamma, SIM, filter_threshold, own_columns, atomic_dx,
-    LOSS: tl.constexpr, KP: tl.constexpr,
+    alpha, delta, inv_gamma, SIM, loss, filter_threshold, own_columns, atomic_dx,
+    KP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Recompute s tile by tile and accumulate dx_hat = ds @ w_hat or dw_hat = ds^T @ x_hat.
@@ -280,8 +284,9 @@ def _backward_kernel(
     row tiles) or a row tile (dx_hat, looping over class tiles), over its split of the loop side.
     The owned gradient goes to ``own_ptr`` (fp32, [split, own_rows, D], read-modified-written only
     by this program, so no race); with ``atomic_dx`` a class-tile owner also atomically adds its
-    share of dx_hat to ``dx_ptr`` (fp32). ``own_columns``, ``atomic_dx`` and ``SIM`` are runtime
-    switches (uniform branches, free next to the dots) so that few variants are compiled; square
+    share of dx_hat to ``dx_ptr`` (fp32). ``own_columns``, ``atomic_dx``, ``SIM`` and ``loss`` are
+    runtime switches (uniform branches, free next to the dots) so that few variants are compiled;
+    square
     tiles (BLOCK_M = BLOCK_C * KP) give both owners the same block shapes.
     """
     tl.static_assert(BLOCK_M == BLOCK_C * KP)
@@ -304,7 +309,7 @@ def _backward_kernel(
                              stride_w, BLOCK_M, BLOCK_C * KP, BLOCK_D, PRECISION)
         s3, S, q = _class_tile(s, inv_gamma, K, SIM, KP, BLOCK_M, BLOCK_C)
         dS = _class_grad(S, cls, rows, labels, row_mask, C, stat0_ptr, stat1_ptr, alpha, delta,
-                         LOSS)
+                         loss)
         # Gradient filtering: with threshold 0 every tile passes (bitwise the unfiltered result).
         if tl.max(tl.max(tl.abs(dS), 1), 0) >= filter_threshold:
             ds = tl.reshape(class_similarity_vjp(s3, q, S, dS, inv_gamma, SIM),
@@ -351,7 +356,7 @@ _FORWARD_ARGS = (
     ("x_ptr", "*S"), ("w_ptr", "*S"), ("labels_ptr", "*i64"), ("part0_ptr", "*fp32"),
     ("part1_ptr", "*fp32"), ("N", "i32"), ("C", "i32"), ("K", "i32"), ("D", "i32"),
     ("stride_x", "i32"), ("stride_w", "i32"), ("tiles_per_split", "i32"), ("num_tiles", "i32"),
-    ("alpha", "fp32"), ("delta", "fp32"), ("inv_gamma", "fp32"), ("SIM", "i32"),
+    ("alpha", "fp32"), ("delta", "fp32"), ("inv_gamma", "fp32"), ("SIM", "i32"), ("loss", "i32"),
 )
 _BACKWARD_ARGS = (
     ("x_ptr", "*S"), ("w_ptr", "*S"), ("labels_ptr", "*i64"), ("stat0_ptr", "*fp32"),
@@ -359,10 +364,10 @@ _BACKWARD_ARGS = (
     ("C", "i32"), ("K", "i32"), ("D", "i32"), ("stride_x", "i32"), ("stride_w", "i32"),
     ("first_own_tile", "i32"), ("own_rows", "i32"), ("tiles_per_split", "i32"),
     ("num_loop_tiles", "i32"), ("alpha", "fp32"), ("delta", "fp32"), ("inv_gamma", "fp32"),
-    ("SIM", "i32"), ("filter_threshold", "fp32"), ("own_columns", "i32"), ("atomic_dx", "i32"),
+    ("SIM", "i32"), ("loss", "i32"), ("filter_threshold", "fp32"), ("own_columns", "i32"),
+    ("atomic_dx", "i32"),
 )
 KINDS = ("forward", "backward")
-_ROW_LOSSES = ("mpa_dw", "mpa_ap", "soft_triple")
 
 
 def interpreting() -> bool:
@@ -398,7 +403,7 @@ def specialisation(kind: str, loss: str, proxies_per_class: int, dtype: torch.dt
     block_m, columns, block_d, warps = _tiles(kind, dtype, interpret)
     code = LOSS_CODES[loss]
     precision = "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"
-    constexprs = (("LOSS", code), ("KP", kp))
+    constexprs = (("KP", kp),)
     if kind == "forward":
         kernel = _column_forward_kernel if code == LOSS_MPA.value else _row_forward_kernel
         args = _FORWARD_ARGS
@@ -406,7 +411,7 @@ def specialisation(kind: str, loss: str, proxies_per_class: int, dtype: torch.dt
         kernel, args = _backward_kernel, _BACKWARD_ARGS
     constexprs += (("BLOCK_M", block_m), ("BLOCK_C", max(1, columns // kp)),
                    ("BLOCK_D", block_d), ("PRECISION", precision))
-    name = f"{kernel.__name__}[{kind},LOSS={code},KP={kp},{_TRITON_DTYPES[dtype]},{precision}]"
+    name = f"{kernel.__name__}[KP={kp},{_TRITON_DTYPES[dtype]},{precision}]"
     arg_types = tuple((arg, t.replace("S", _TRITON_DTYPES[dtype])) for arg, t in args)
     return Specialisation(name, kernel, arg_types, constexprs, warps)
 
@@ -417,7 +422,7 @@ def _enumerate_specialisations() -> tuple:
     k_values = [1 << i for i in range(MAX_PROXIES_PER_CLASS.bit_length())]
     for dtype in _TRITON_DTYPES:
         for tf32 in ((False, True) if dtype == torch.float32 else (False,)):
-            for loss in _ROW_LOSSES + ("mpa",):
+            for loss in ("mpa_dw", "mpa"):  # one loss of each family: the code is a runtime switch
                 for kind in KINDS:
                     for k in k_values:
                         sp = specialisation(kind, loss, k, dtype, tf32, interpret=False)
@@ -478,7 +483,7 @@ def fused_linear_forward(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor,
     with _device_guard(x.device):
         sp.launch((own, splits), x, w, labels, part[0], part[1], n, c, k, d, x.stride(0),
                   w.stride(0), per_split, loop, spec.alpha, spec.delta, 1.0 / spec.gamma,
-                  SIMILARITY_CODES[spec.similarity])
+                  SIMILARITY_CODES[spec.similarity], LOSS_CODES[spec.loss])
     zero = torch.zeros((), dtype=torch.float32, device=x.device)
     if column_wise:
         # P_c and N_c: every MPA log-sum-exp has the zero logit.
@@ -520,7 +525,7 @@ def _launch_backward(own_columns, x, w, labels, stats, spec, options, own_tiles,
     sp.launch((own_tiles, splits), x, w, labels, stats[0], stats[1], own,
               own if atomic_dx is None else atomic_dx, n, c, k, d, x.stride(0), w.stride(0),
               first_own_tile, own_rows, per_split, num_loop, spec.alpha, spec.delta,
-              1.0 / spec.gamma, SIMILARITY_CODES[spec.similarity],
+              1.0 / spec.gamma, SIMILARITY_CODES[spec.similarity], LOSS_CODES[spec.loss],
               options.filter_eps * spec.alpha, int(own_columns), int(atomic_dx is not None))
     return own[0] if splits == 1 else own.sum(0)
 
