@@ -1,4 +1,4 @@
-"""Backbones: BN-Inception's shape and checkpoint layout, GeM, the embedding head, the loss factory."""
+"""Backbones: BN-Inception's shape and checkpoint layout, GeM, the embedding head, loss factory."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``python -m training``: run every (experiment, loss, seed) of a config, then write the reports."""
+"""``python -m training``: run every (experiment, loss, seed) of a config, then write reports."""
 
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
-"""Experiment configuration: one schema of keys, JSON files that set some of them, command-line overrides.
+"""Experiment configuration: one schema of keys, JSON files that set some, command-line overrides.
 
-A config is a flat dict. Its keys, types, defaults and help texts are the ``OPTIONS`` table below, the
-single source for validation and for ``--help``. Precedence, lowest first: the defaults here, the
-config file, one ``suite`` entry of that file (a config may hold several experiments, as the embedded
-default does), then the command line (``--set key=value`` or ``--key value``), so a command-line
-override reaches every experiment of a suite.
+A config is a flat dict. Its keys, types, defaults and help texts are the ``OPTIONS`` table below,
+the single source for validation and for ``--help``. Precedence, lowest first: the defaults here,
+the config file, one ``suite`` entry of that file (a config may hold several experiments, as the
+embedded default does), then the command line (``--set key=value`` or ``--key value``), so a
+command-line override reaches every experiment of a suite.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ OPTIONS = (
     Option("dataset", "digits", "dataset", DATASETS),
     Option("data_root", "data", "folder holding the dataset in its official layout (see README)"),
     Option("backbone", "small_cnn", "network before the embedding layer", BACKBONES),
-    Option("pretrained", "", "local ImageNet weights for the backbone ('' = random initialisation)"),
+    Option("pretrained", "", "local ImageNet weights of the backbone ('' = random initialisation)"),
     Option("embedding_size", 512, "embedding dimension (L2-normalised)"),
     Option("gem_p", 3.0, "GeM pooling exponent (3 = cubic GeM, the paper's)"),
     Option("hidden_size", 256, "width of the mlp backbone / channels of the small_cnn"),
@@ -146,7 +146,7 @@ def parse_value(key: str, text: str) -> Any:
 
 
 def apply_override(cfg: dict, assignment: str) -> None:
-    """``key=value``; a dotted key reaches into a dict value (``loss_args.soft_triple.alpha=20``)."""
+    """``key=value``; a dotted key reaches into a dict (``loss_args.soft_triple.alpha=20``)."""
     if "=" not in assignment:
         raise ConfigError(f"--set expects key=value, got {assignment!r}")
     key, text = assignment.split("=", 1)
@@ -174,7 +174,8 @@ def load_file(name_or_path: str) -> tuple[str, dict]:
         path = Path(name_or_path)
         if not path.is_file():
             raise ConfigError(
-                f"config {name_or_path!r} is neither a shipped config {list(CONFIG_NAMES)} nor a file"
+                f"config {name_or_path!r} is neither a shipped config {list(CONFIG_NAMES)} "
+                "nor a file"
             )
         text, name = path.read_text(), path.stem
     try:

@@ -5,8 +5,9 @@ term is a log-sum-exp per class over the batch), so the paper's loss on a global
 the mean of W losses on B/W. Each rank gathers all embeddings *with their gradient*, computes the
 same loss on the same global batch, and backpropagates. The gather's backward sums the incoming
 gradients over ranks, so rank r's embeddings receive W * dL/dx_r (every rank contributes the
-identical dL/dx_r). DDP then averages parameter gradients over the W ranks: (1/W) * sum_r W * (dL/dx_r)(dx_r/dtheta) = dL/dtheta, exactly the gradient of
-one process on the whole batch. The proxies live in the DDP-wrapped module too; their gradient is
+identical dL/dx_r). DDP then averages parameter gradients over the W ranks:
+(1/W) * sum_r W * (dL/dx_r)(dx_r/dtheta) = dL/dtheta, exactly the gradient of one process on the
+whole batch. The proxies live in the DDP-wrapped module too; their gradient is
 the same on every rank and averaging keeps them in sync.
 """
 

@@ -1,9 +1,9 @@
 """One run: a loss and a seed trained with the paper's protocol, evaluated after every epoch.
 
 A run directory holds ``last.pt`` (everything needed to resume exactly: model, proxies, optimiser,
-scheduler, the RNG states of every rank and the epoch), ``best.pt`` (the weights of the epoch with the
-highest R@1), ``log.csv`` (one row per epoch, rewritten from the checkpoint's history so it never
-disagrees with it) and ``result.json``.
+scheduler, the RNG states of every rank and the epoch), ``best.pt`` (the weights of the epoch with
+the highest R@1), ``log.csv`` (one row per epoch, rewritten from the checkpoint's history so it
+never disagrees with it) and ``result.json``.
 
 Batches are drawn without replacement ("random sampling", as SoftTriple and the paper do) from a
 permutation that depends only on (seed, epoch): every rank draws the same global batch and takes its
@@ -58,7 +58,7 @@ def make_loss(cfg: dict, name: str, num_classes: int) -> nn.Module:
 
 
 class LossModel(nn.Module):
-    """Network and loss in one module: DDP then averages the proxies' gradients with the weights'."""
+    """Network and loss in one module, so DDP averages the proxies' gradients with the weights'."""
 
     def __init__(self, net: nn.Module, criterion: nn.Module, ctx: Context):
         super().__init__()

@@ -1,5 +1,5 @@
-"""The paper's Tables 4-6 from a set of runs (mean and standard deviation over seeds), as Markdown and
-CSV, and the plots: training loss and R@1 per epoch, and Recall@k per loss."""
+"""The paper's Tables 4-6 from a set of runs (mean and standard deviation over seeds), as Markdown
+and CSV, and the plots: training loss and R@1 per epoch, and Recall@k per loss."""
 
 from __future__ import annotations
 

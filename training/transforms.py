@@ -1,7 +1,7 @@
 """Image transforms of the paper's protocol, with torch and PIL alone.
 
-torchvision is used when it is importable; otherwise the small classes below do the same job with the
-same semantics (``Resize(int)`` resizes the shorter side, RandomResizedCrop samples area and log
+torchvision is used when it is importable; otherwise the small classes below do the same job with
+the same semantics (``Resize(int)`` resizes the shorter side, RandomResizedCrop samples area and log
 aspect ratio uniformly with ten tries and a centre-crop fallback). Random draws come from torch's
 global generator, which the DataLoader seeds per worker and the checkpoint saves, so resumed runs
 see the same augmentations.
@@ -89,8 +89,8 @@ class CenterCrop:
 
 
 class ToNormalizedTensor:
-    """HWC uint8 RGB → CHW float. ``caffe=True`` is BN-Inception's convention (its ImageNet weights
-    were converted from Caffe): BGR channel order, 0-255 range, per-channel mean subtracted, std 1."""
+    """HWC uint8 RGB to CHW float. ``caffe=True`` is BN-Inception's convention (its ImageNet
+    weights were converted from Caffe): BGR order, 0-255 range, channel means subtracted, std 1."""
 
     def __init__(self, caffe: bool = False):
         self.caffe = caffe
