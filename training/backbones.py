@@ -107,22 +107,23 @@ class BNInception(nn.Module):
         return x
 
 
-def load_bn_inception_weights(model: BNInception, path: str | Path) -> None:
-    """Load a checkpoint in the pretrainedmodels layout; its classifier (``last_linear``) and
-    missing ``num_batches_tracked`` counters (older checkpoints lack them) are ignored, anything
-    else that does not match is an error."""
+def load_weights(model: nn.Module, path: str | Path, layout: str, classifier: str) -> None:
+    """Load an ImageNet checkpoint whose keys match ``model`` exactly, except for the classifier
+    (keys starting with ``classifier``, dropped on both sides: the embedding layer replaces it) and
+    ``num_batches_tracked`` counters, which older checkpoints lack. Any other mismatch is an error
+    that lists the keys, rather than a silently half-loaded network."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
-    state = {k.removeprefix("module."): v for k, v in state.items()
-             if not k.removeprefix("module.").startswith("last_linear.")}
-    own = model.state_dict()
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith(classifier)}
+    own = {k for k in model.state_dict() if not k.startswith(classifier)}
+    missing = sorted(k for k in own - state.keys() if not k.endswith("num_batches_tracked"))
+    unexpected = sorted(state.keys() - own)
     if missing or unexpected:
-        raise ValueError(f"{path} is not a BN-Inception checkpoint in the pretrainedmodels layout: "
-                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
-                         f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        raise ValueError(f"{path} is not a {layout} checkpoint: missing {missing[:5]}"
+                         f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                         f"{'...' if len(unexpected) > 5 else ''}")
     model.load_state_dict(state, strict=False)
 
 
@@ -139,13 +140,10 @@ def _resnet50(pretrained: str) -> tuple[nn.Module, int]:
                               "(with the torch you have) or use backbone=bn_inception") from None
         net = timm.create_model("resnet50", pretrained=False)
     if pretrained:
-        state = torch.load(pretrained, map_location="cpu", weights_only=True)
-        state = {k: v for k, v in state.get("state_dict", state).items()
-                 if not k.startswith(("fc.", "head."))}
-        net.load_state_dict(state, strict=False)
+        load_weights(net, pretrained, "ResNet-50", classifier="fc.")
     # Everything up to the last residual stage: drop global pooling and the classifier.
     trunk = nn.Sequential(*[m for name, m in net.named_children()
-                            if name not in ("avgpool", "fc", "global_pool", "head")])
+                            if name not in ("avgpool", "global_pool", "fc")])
     return trunk, 2048
 
 
@@ -195,7 +193,8 @@ def build(cfg: dict, input_dim: int | None = None) -> EmbeddingNet:
     if name == "bn_inception":
         trunk, features = BNInception(), BNInception.out_features
         if weights:
-            load_bn_inception_weights(trunk, weights)
+            load_weights(trunk, weights, "BN-Inception (pretrainedmodels layout)",
+                         classifier="last_linear.")
     elif name == "resnet50":
         trunk, features = _resnet50(weights)
     elif name == "small_cnn":
