@@ -178,8 +178,10 @@ def _backward_kernel(s_ptr, ds_ptr, labels_ptr, stats_ptr, coef_ptr, N, C, K,
                      alpha, delta, inv_gamma, sim,
                      LOSS: tl.constexpr, K_PAD: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cls = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    # Class blocks on grid axis 0 (up to 2^31 - 1; axis 1 stops at 65535): C = 1M classes at K = 32
+    # are 250k blocks. Neighbouring programs then read neighbouring columns of the same rows.
+    cls = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     labels = tl.load(labels_ptr + rows, mask=rows < N, other=-1)
     s, offs, mask, q, S, z, sign, is_pos, pair_ok = _logit_tile(
         s_ptr, labels, rows, cls, N, C, K, alpha, delta, inv_gamma, sim, LOSS, K_PAD)
@@ -352,7 +354,7 @@ def similarity_loss_backward(grad: torch.Tensor, s: torch.Tensor, labels: torch.
     block_c = dict(spec.constexprs)["BLOCK_C"]
     ds = torch.empty_like(s)
     coef = (grad.float() * weights).contiguous()
-    grid = (triton.cdiv(n, BLOCK_N), triton.cdiv(c, block_c))
+    grid = (triton.cdiv(c, block_c), triton.cdiv(n, BLOCK_N))
     spec.launch(grid, s, ds, labels, stats, coef, n, c, k, alpha, delta, 1.0 / gamma,
                 SIMILARITY_CODES[similarity])
     return ds
