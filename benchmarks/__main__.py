@@ -4,6 +4,7 @@
                          [--dtypes ...] [--repeats R] [--out DIR]      # the loss sweep
     python -m benchmarks metrics [--device D] [--repeats R] [--out DIR]  # the metrics engine
     python -m benchmarks plot RESULTS.json                               # charts of a results file
+    python -m benchmarks table RESULTS.json [--losses ...] [--shapes ...]  # markdown tables
 """
 
 from __future__ import annotations
@@ -155,9 +156,20 @@ def plot_main(argv: list[str]) -> None:
         print(f"wrote {path}")
 
 
+def table_main(argv: list[str]) -> None:
+    from benchmarks import summary
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks table")
+    p.add_argument("results", type=Path, help="a results .json written by python -m benchmarks")
+    p.add_argument("--losses", type=_csv, default=None)
+    p.add_argument("--shapes", type=_csv, default=None)
+    args = p.parse_args(argv)
+    print(summary.markdown(json.loads(args.results.read_text()), args.losses, args.shapes))
+
+
 def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"metrics": metrics_main, "plot": plot_main}
+    commands = {"metrics": metrics_main, "plot": plot_main, "table": table_main}
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:])
     return losses_main(argv)

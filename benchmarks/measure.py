@@ -62,28 +62,48 @@ def summarize(times: list[float]) -> dict:
     }
 
 
-def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
-    """Peak bytes torch allocates while ``fn()`` runs, above what was live before it."""
-    gc.collect()
+_BACKWARD_MARK = "benchmarks.backward"
+
+
+def peak_bytes(
+    forward: Callable[[], object], backward: Callable[[object], object], device: torch.device
+) -> tuple[int, int]:
+    """Peak bytes torch allocates above what was live before, during ``out = forward()`` and
+    during the whole of ``forward()`` then ``backward(out)``: one run gives both.
+
+    Tensors freed during the call that were allocated before it do not lower the count: the
+    profiler ignores frees of blocks it did not see allocated, and CUDA's baseline is taken here.
+    """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        fn()
+        out = forward()
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
+        peak_forward = torch.cuda.max_memory_allocated(device) - base
+        backward(out)
+        del out
+        torch.cuda.synchronize(device)
+        return peak_forward, torch.cuda.max_memory_allocated(device) - base
     with torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
     ) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+        out = forward()
+        with torch.profiler.record_function(_BACKWARD_MARK):
+            backward(out)
+        del out
+    events = list(prof.profiler.kineto_results.events())
+    (split,) = [e.start_ns() for e in events if e.name() == _BACKWARD_MARK]
+    memory = [e for e in events if e.name() == "[memory]"]
     # Sorting is stable: events of one thread stay in the order the allocator reported them.
-    events.sort(key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
+    memory.sort(key=lambda e: e.start_ns())
+    live = peak = peak_forward = 0
+    for e in memory:
         live += e.nbytes()
         peak = max(peak, live)
-    return peak
+        if e.start_ns() < split:
+            peak_forward = peak
+    return peak_forward, peak
 
 
 def _malloc_trim() -> None:

@@ -96,7 +96,8 @@ def run(device: torch.device, repeats: int, noise: float = NOISE, log=print) -> 
                     call()
                 times.append(time.perf_counter() - start)
             record["time"] = measure.summarize(times)
-            record["peak_bytes"] = measure.peak_bytes(lambda: fn(emb, labels), device)
+            record["peak_bytes"] = measure.peak_bytes(lambda: fn(emb, labels), lambda _: None,
+                                                      device)[1]
             record["metrics"] = {k: float(v) for k, v in out.items()}
             record["status"] = "ok"
         except Exception as err:  # noqa: BLE001 - recorded, like the loss providers

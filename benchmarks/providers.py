@@ -3,9 +3,9 @@ backends, and the floor (the GEMMs alone).
 
 A :class:`Case` holds the inputs of one loss at one shape and dtype: embeddings and proxies are leaves
 that require grad, so "forward + backward" is ``loss.backward()`` into both. A provider turns a case
-into a :class:`Run`: a forward callable, a forward + backward callable, and a ``reset`` that drops the
-gradients, so every forward + backward allocates its gradients afresh (accumulating into kept
-gradients would hide that memory).
+into a :class:`Run`: a forward callable, a backward callable that takes the forward's result, and a
+``reset`` that drops the gradients, so every forward + backward allocates its gradients afresh
+(accumulating into kept gradients would hide that memory).
 """
 
 from __future__ import annotations
@@ -85,9 +85,12 @@ class Case:
 @dataclass
 class Run:
     forward: Callable[[], object]
-    forward_backward: Callable[[], object]
+    backward: Callable[[object], object]  # takes what forward returned
     reset: Callable[[], None]
     value: Callable[[], float] | None = None  # the loss, to check that providers agree
+
+    def forward_backward(self) -> None:
+        self.backward(self.forward())
 
 
 def _loss_run(case: Case, fn: Callable, leaves: list[torch.Tensor]) -> Run:
@@ -98,7 +101,7 @@ def _loss_run(case: Case, fn: Callable, leaves: list[torch.Tensor]) -> Run:
         for t in leaves:
             t.grad = None
 
-    return Run(call, lambda: call().backward(), reset, lambda: float(call().detach()))
+    return Run(call, torch.Tensor.backward, reset, lambda: float(call().detach()))
 
 
 @dataclass
@@ -169,11 +172,10 @@ def _floor_build(case: Case) -> Run:
     def forward():
         return x @ w.T
 
-    def forward_backward():
-        s = x @ w.T
-        return s, ds @ w, ds.T @ x
+    def backward(_s):
+        return ds @ w, ds.T @ x
 
-    return Run(forward, forward_backward, lambda: None)
+    return Run(forward, backward, lambda: None)
 
 
 def _pml_applies(loss: str) -> bool:

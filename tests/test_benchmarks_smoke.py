@@ -12,6 +12,7 @@ from benchmarks.__main__ import main
 from benchmarks.providers import Case
 from benchmarks.runner import CSV_FIELDS
 from benchmarks.shapes import SHAPES
+from benchmarks.summary import markdown
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,8 @@ def test_results_file_schema(doc):
     table = list(csv.DictReader(lines))
     assert list(table[0]) == CSV_FIELDS and len(table) == len(rows)
     assert len(list(out.glob("*-smoke-*.png"))) == 2
+    md = markdown(result, losses=["mpa"])
+    assert "| reference | " in md and "proxy_anchor" not in md
 
 
 def test_case_inputs_require_grad():
