@@ -1,8 +1,9 @@
 """The ``"triton"`` backend (kernels over the similarity tensor) against the reference.
 
 Value and both gradients (embeddings and proxies, through the normalisation and the GEMM) through
-the public functional API. On CPU the kernels run in the Triton interpreter (conftest.py sets
-``TRITON_INTERPRET=1``), so shapes are tiny; on a GPU the same checks run on CUDA, bf16 included.
+the public functional API, and of the kernels alone on a given s. On CPU the kernels run in the
+Triton interpreter (conftest.py sets ``TRITON_INTERPRET=1``), so shapes are tiny: the full grid in
+fp32, a subset in fp16 and bf16; on a GPU the grid runs on CUDA in fp32, fp16 and bf16.
 The reference runs in fp64 on the very inputs the Triton backend sees (fp16/bf16-rounded for the
 low-precision cases), so the tolerances measure the backend's own error.
 """
@@ -105,6 +106,12 @@ def test_matches_reference_fp16(loss, k, similarity):
     _assert_matches_reference(LOSSES[loss], x, y, w, proxies_per_class=k, similarity=similarity)
 
 
+@pytest.mark.parametrize("loss", LOSSES)
+def test_matches_reference_bf16(loss):
+    x, y, w = _inputs(17, 7, 3, torch.bfloat16, "cpu")
+    _assert_matches_reference(LOSSES[loss], x, y, w, proxies_per_class=3)
+
+
 def _class_similarity_of_s(s, k, similarity, gamma=0.1):
     """Eq. 1 and its alternatives on a given s (the reference starts from embeddings)."""
     s = s.view(s.shape[0], -1, k)
@@ -138,7 +145,9 @@ def _assert_kernels_match_reference(s, labels, loss, c, k, similarity, alpha=32.
     return err_value, err_ds
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+# bf16 runs in the interpreter here: these kernels only load, convert and store it (no tl.dot, which
+# is what the interpreter gets wrong in bf16).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("loss,k,similarity", [
     ("mpa", 10, "softmax"), ("mpa_dw", 3, "max"), ("mpa_ap", 2, "mean"), ("soft_triple", 10, "softmax"),
 ])
