@@ -488,7 +488,9 @@ def fused_linear_forward(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor,
     if column_wise:
         # P_c and N_c: every MPA log-sum-exp has the zero logit.
         P, Nc = torch.logaddexp(torch.logsumexp(part, 1), zero)
-        num_present = (torch.bincount(labels, minlength=c) > 0).sum().to(torch.float32)
+        # index_fill_, not bincount: bincount has no deterministic CUDA implementation.
+        present = torch.zeros(c, dtype=torch.bool, device=x.device).index_fill_(0, labels, True)
+        num_present = present.sum().to(torch.float32)
         loss = P.sum() / num_present + Nc.sum() / c
         return loss, (P, Nc - torch.log(num_present / c)), num_present
     lse = torch.logsumexp(part[0], 0)
@@ -560,22 +562,63 @@ def fused_linear_backward(x, w, labels, stats, unit, spec: LossSpec, options: Op
     return (dx32 * unit).to(x.dtype), dw
 
 
-class FusedLinearLossFunction(torch.autograd.Function):
-    """Autograd wrapper: forward keeps O(N + C) statistics, backward recomputes the tiles."""
+# torch.library custom operators: torch.compile records them as single nodes (no graph break), and
+# autograd goes through register_autograd (what a thin autograd.Function would do). The LossSpec
+# and the options travel as plain scalars, which is what an operator schema takes.
 
-    @staticmethod
-    def forward(ctx, x, w, labels, spec, options):
-        loss, stats, unit_den = fused_linear_forward(x, w, labels, spec, options)
-        ctx.save_for_backward(x, w, labels, stats[0], stats[1], unit_den)
-        ctx.spec, ctx.options = spec, options
-        return loss
+@torch.library.custom_op("mpa_kernels::linear_loss", mutates_args=())
+def _linear_loss_op(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, loss: str,
+                    num_classes: int, proxies_per_class: int, similarity: str, alpha: float,
+                    delta: float, gamma: float, deterministic: bool, filter_eps: float,
+                    allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                               torch.Tensor]:
+    spec = LossSpec(loss, num_classes, proxies_per_class, alpha, delta, gamma, similarity)
+    value, (stat0, stat1), unit_den = fused_linear_forward(
+        x, w, labels, spec, Options(deterministic, filter_eps, allow_tf32))
+    return value, stat0, stat1, unit_den
 
-    @staticmethod
-    def backward(ctx, grad):
-        x, w, labels, stat0, stat1, unit_den = ctx.saved_tensors
-        unit = grad.to(torch.float32) / unit_den
-        dx, dw = fused_linear_backward(x, w, labels, (stat0, stat1), unit, ctx.spec, ctx.options)
-        return dx, dw, None, None, None
+
+@_linear_loss_op.register_fake
+def _(x, w, labels, loss, num_classes, proxies_per_class, similarity, alpha, delta, gamma,
+      deterministic, filter_eps, allow_tf32):
+    length = num_classes if LOSS_CODES[loss] == LOSS_MPA.value else x.shape[0]
+    f32 = dict(dtype=torch.float32)
+    return (x.new_empty((), **f32), x.new_empty((length,), **f32),
+            x.new_empty((length,), **f32), x.new_empty((), **f32))
+
+
+@torch.library.custom_op("mpa_kernels::linear_loss_backward", mutates_args=())
+def _linear_loss_backward_op(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                             labels: torch.Tensor, stat0: torch.Tensor, stat1: torch.Tensor,
+                             unit_den: torch.Tensor, loss: str, num_classes: int,
+                             proxies_per_class: int, similarity: str, alpha: float, delta: float,
+                             gamma: float, deterministic: bool, filter_eps: float,
+                             allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    spec = LossSpec(loss, num_classes, proxies_per_class, alpha, delta, gamma, similarity)
+    unit = grad.to(torch.float32) / unit_den
+    return fused_linear_backward(x, w, labels, (stat0, stat1), unit, spec,
+                                 Options(deterministic, filter_eps, allow_tf32))
+
+
+@_linear_loss_backward_op.register_fake
+def _(grad, x, w, labels, stat0, stat1, unit_den, *hyper):
+    return torch.empty_like(x), torch.empty_like(w)
+
+
+def _setup_context(ctx, inputs, output):
+    x, w, labels, *hyper = inputs
+    _, stat0, stat1, unit_den = output
+    ctx.save_for_backward(x, w, labels, stat0, stat1, unit_den)
+    ctx.hyper = hyper
+    ctx.mark_non_differentiable(stat0, stat1, unit_den)
+
+
+def _backward(ctx, grad, _grad_stat0, _grad_stat1, _grad_unit_den):
+    dx, dw = _linear_loss_backward_op(grad, *ctx.saved_tensors, *ctx.hyper)
+    return (dx, dw) + (None,) * (1 + len(ctx.hyper))
+
+
+_linear_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_linear_loss(x_hat: torch.Tensor, w_hat: torch.Tensor, labels: torch.Tensor,
@@ -603,5 +646,8 @@ def fused_linear_loss(x_hat: torch.Tensor, w_hat: torch.Tensor, labels: torch.Te
         x_hat, w_hat = x_hat.float(), w_hat.float()
     elif w_hat.dtype != x_hat.dtype:
         w_hat = w_hat.to(x_hat.dtype)
-    return FusedLinearLossFunction.apply(x_hat.contiguous(), w_hat.contiguous(),
-                                         labels.contiguous(), spec, options)
+    value, _, _, _ = _linear_loss_op(
+        x_hat.contiguous(), w_hat.contiguous(), labels.contiguous(), spec.loss, spec.num_classes,
+        spec.proxies_per_class, spec.similarity, spec.alpha, spec.delta, spec.gamma,
+        options.deterministic, options.filter_eps, options.allow_tf32)
+    return value

@@ -1,0 +1,391 @@
+"""The ``"triton-linear"`` backend (fused-linear kernels) against the reference.
+
+Value and both gradients (embeddings and proxies, through the normalisation) through the public
+functional API. On CPU the kernels run in the Triton interpreter (conftest.py sets
+``TRITON_INTERPRET=1``) with 32-wide tiles, so the shapes below span several row tiles, class tiles,
+d chunks and splits while staying tiny; on a GPU the same checks run on CUDA, bf16 included. The
+reference runs in fp64 on the very inputs the backend sees (fp16/bf16-rounded for the
+low-precision cases), so the tolerances measure the backend's own error.
+"""
+
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as tF
+
+import mpa_kernels.functional as F
+from mpa_kernels._spec import LossSpec
+from mpa_kernels.backends import BackendUnavailableError, resolve
+from mpa_kernels.backends import triton_linear
+from mpa_kernels.kernels import linear
+from mpa_kernels.kernels.similarity import Specialisation
+from tests.conftest import HAS_CUDA, requires_cuda
+
+ROOT = Path(__file__).resolve().parents[1]
+BACKEND = "triton-linear"
+LOSSES = {
+    "mpa": F.mpa_loss,
+    "mpa_dw": F.mpa_dw_loss,
+    "mpa_ap": F.mpa_ap_loss,
+    "soft_triple": F.soft_triple_loss,
+}
+SIMILARITIES = ("softmax", "max", "mean")
+KS = (1, 2, 3, 10)
+# (N, C, d): N = 1, N not a multiple of the 32-row tile, C not a power of two (nor a multiple of
+# the classes per tile), d not a multiple of the 32-wide d chunk, d below one chunk, d over two.
+SHAPES = ((1, 3, 40), (37, 7, 40), (33, 13, 16), (5, 11, 70))
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 8e-2}
+
+
+def _cases():
+    """Every loss x K x similarity (one similarity for K = 1, where all modes agree), each with a
+    shape from the grid in turn and the default (atomic) or deterministic backward in turn, so
+    the grid is covered without its full product."""
+    combos = [(loss, k, sim) for loss, k, sim in itertools.product(LOSSES, KS, SIMILARITIES)
+              if k > 1 or sim == "softmax"]
+    return [(*combo, *SHAPES[i % len(SHAPES)], i % 3 == 1) for i, combo in enumerate(combos)]
+
+
+def _inputs(n, c, k, dtype, device, d=40, labels=None):
+    x = torch.randn(n, d, device=device).to(dtype)
+    w = torch.randn(c * k, d, device=device).to(dtype)
+    y = torch.randint(0, c, (n,), device=device) if labels is None else labels.to(device)
+    return x, y, w
+
+
+def _value_and_grads(fn, x, y, w, backend, **kw):
+    x = x.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_()
+    value = fn(x, y, w, backend=backend, **kw)
+    value.backward()
+    return value.detach(), x.grad, w.grad
+
+
+def _assert_matches_reference(fn, x, y, w, **kw):
+    tol = TOLERANCE[x.dtype]
+    got = _value_and_grads(fn, x, y, w, BACKEND, **kw)
+    want = _value_and_grads(fn, x.double(), y, w.double(), "reference", **kw)
+    assert got[1].dtype == x.dtype and got[2].dtype == w.dtype
+    for name, a, b in zip(("loss", "d_embeddings", "d_proxies"), got, want):
+        assert torch.isfinite(a).all(), f"{name}: non-finite values"
+        # A loss is a difference of terms of size ~alpha (SoftTriple's lse - z_y): its error is
+        # measured against 1, not against its own size.
+        scale = b.abs().max().clamp_min(1.0 if name == "loss" else 1e-6)
+        err = float((a.double() - b).abs().max() / scale)
+        assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
+
+
+@pytest.mark.parametrize("loss,k,similarity,n,c,d,deterministic", _cases())
+def test_matches_reference_fp32(loss, k, similarity, n, c, d, deterministic, monkeypatch):
+    monkeypatch.setattr(triton_linear, "DETERMINISTIC", deterministic)
+    x, y, w = _inputs(n, c, k, torch.float32, "cpu", d)
+    _assert_matches_reference(LOSSES[loss], x, y, w, proxies_per_class=k, similarity=similarity)
+
+
+@pytest.mark.parametrize("loss,k,similarity", [
+    (loss, k, sim) for loss in LOSSES for k, sim in ((1, "softmax"), (3, "max"), (10, "softmax"),
+                                                     (2, "mean"))
+])
+def test_matches_reference_fp16(loss, k, similarity):
+    x, y, w = _inputs(37, 7, k, torch.float16, "cpu")
+    _assert_matches_reference(LOSSES[loss], x, y, w, proxies_per_class=k, similarity=similarity)
+
+
+def _edge_labels(case, n, c):
+    if case == "single_class":
+        return torch.full((n,), c - 2)
+    if case == "absent_classes":  # only 3 of the c classes appear in the batch
+        return torch.arange(n) % 3
+    return torch.randint(0, c, (n,))
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("case,n,c,k,alpha,deterministic", [
+    ("single_class", 9, 5, 3, None, True),
+    ("absent_classes", 12, 11, 2, None, False),
+    ("alpha_64", 19, 6, 10, 64.0, False),
+    ("n_1_k_10", 1, 4, 10, 64.0, True),
+    # 3 row tiles x 5 class tiles: splits on both sides, several programs per owner
+    ("many_tiles", 70, 75, 2, None, False),
+    ("many_tiles", 70, 75, 2, None, True),
+])
+def test_edge_cases(loss, case, n, c, k, alpha, deterministic, monkeypatch):
+    monkeypatch.setattr(triton_linear, "DETERMINISTIC", deterministic)
+    x, y, w = _inputs(n, c, k, torch.float32, "cpu", labels=_edge_labels(case, n, c))
+    kw = {} if alpha is None else {"alpha": alpha}
+    _assert_matches_reference(LOSSES[loss], x, y, w, proxies_per_class=k, **kw)
+
+
+@pytest.mark.parametrize("fn", [F.proxy_anchor_loss, F.proxy_nca_loss])
+@pytest.mark.parametrize("n,c", [(1, 3), (37, 9)])
+def test_single_proxy_baselines(fn, n, c):
+    x, y, w = _inputs(n, c, 1, torch.float32, "cpu")
+    _assert_matches_reference(fn, x, y, w)
+
+
+def _backend_call(x_hat, w_hat, y, spec, **kw):
+    """The backend on normalised inputs, without the front end: (loss, dx_hat, dw_hat)."""
+    x_hat = x_hat.detach().clone().requires_grad_()
+    w_hat = w_hat.detach().clone().requires_grad_()
+    value = triton_linear.similarity_loss(x_hat, w_hat, y, spec, **kw)
+    value.backward()
+    return value.detach(), x_hat.grad, w_hat.grad
+
+
+def _clustered(n, c, k, d, noise=0.5, group=8, spread=0.8, seed=0):
+    """Embeddings near one of their class's proxies, as after some training, with the classes in
+    groups of ``group`` related classes (proxies around a shared centre, ``spread`` apart): each
+    sample has a few hard negatives and many far ones, so many class tiles have tiny softmax
+    weights (what gradient filtering exploits)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = tF.normalize(torch.randn(-(-c // group), d, generator=g), dim=1)
+    w_hat = centres.repeat_interleave(group * k, 0)[: c * k]
+    w_hat = tF.normalize(w_hat + spread * torch.randn(c * k, d, generator=g) / d ** 0.5, dim=1)
+    y = torch.randint(0, c, (n,), generator=g)
+    anchor = w_hat[y * k + torch.randint(0, k, (n,), generator=g)]
+    x_hat = tF.normalize(anchor + noise * torch.randn(n, d, generator=g) / d ** 0.5, dim=1)
+    return x_hat, w_hat, y
+
+
+@pytest.mark.parametrize("loss", ["mpa", "mpa_dw"])
+def test_deterministic_mode_is_bitwise_reproducible(loss):
+    x_hat, w_hat, y = _clustered(70, 75, 2, 40)
+    spec = LossSpec(loss, 75, 2, 32.0, 0.1)
+    first = _backend_call(x_hat, w_hat, y, spec, deterministic=True)
+    second = _backend_call(x_hat, w_hat, y, spec, deterministic=True)
+    atomic = _backend_call(x_hat, w_hat, y, spec, deterministic=False)
+    for a, b, c in zip(first, second, atomic):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-7)
+
+
+def test_deterministic_default_follows_torch(monkeypatch):
+    """``deterministic=None`` follows torch.use_deterministic_algorithms: two backward launches
+    (a row-tile owner, then a class-tile owner) instead of one atomic launch."""
+    owners = []
+    launch = linear._launch_backward
+
+    def spy(own_columns, *args):
+        owners.append(own_columns)
+        return launch(own_columns, *args)
+
+    monkeypatch.setattr(linear, "_launch_backward", spy)
+    x_hat, w_hat, y = _clustered(9, 5, 2, 16)
+    spec = LossSpec("mpa_ap", 5, 2, 32.0, 0.1)
+    _backend_call(x_hat, w_hat, y, spec)
+    assert owners == [True]
+    owners.clear()
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        _backend_call(x_hat, w_hat, y, spec)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert owners == [False, True]
+
+
+def test_dw_chunks_match_one_launch(monkeypatch):
+    """dw_hat in chunks of one class tile (a tiny DW_SCRATCH_BYTES) equals the one-launch result."""
+    x_hat, w_hat, y = _clustered(37, 13, 3, 40)
+    spec = LossSpec("mpa", 13, 3, 32.0, 0.1, similarity="softmax")
+    whole = _backend_call(x_hat, w_hat, y, spec)
+    monkeypatch.setattr(linear, "DW_SCRATCH_BYTES", 1)
+    chunked = _backend_call(x_hat, w_hat, y, spec)
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("loss,similarity,eps", [("mpa_dw", "softmax", 1e-3),
+                                                 ("soft_triple", "mean", 1e-3),
+                                                 ("mpa", "max", 1e-1)])
+def test_gradient_filter(loss, similarity, eps):
+    """Off: bitwise the exact kernels. On: the loss is untouched (the forward is exact) and every
+    gradient entry is within the bound documented in mpa_kernels.kernels.linear, while the
+    gradients do change (about a third of the tiles are skipped at these eps), so the bound is
+    really exercised."""
+    n, c, k, d, alpha, gamma = 64, 512, 2, 128, 32.0, 0.1
+    x_hat, w_hat, y = _clustered(n, c, k, d)
+    spec = LossSpec(loss, c, k, alpha, 0.1, gamma, similarity)
+    exact = _backend_call(x_hat, w_hat, y, spec)
+    off = _backend_call(x_hat, w_hat, y, spec, filter_eps=0.0)
+    on = _backend_call(x_hat, w_hat, y, spec, filter_eps=eps)
+    for a, b in zip(exact, off):
+        assert torch.equal(a, b)
+    assert torch.equal(on[0], exact[0])
+    assert not torch.equal(on[1], exact[1]) and not torch.equal(on[2], exact[2])
+    # unit: g/N row-wise, g/|C+| column-wise; jac: the intra-class Jacobian's sum over k.
+    unit = 1.0 / (len(torch.unique(y)) if loss == "mpa" else n)
+    jac = 1.0 + 2.0 / gamma if similarity == "softmax" else 1.0
+    per_entry = eps * alpha * unit * jac
+    assert float((on[1] - exact[1]).abs().max()) <= per_entry * c
+    assert float((on[2] - exact[2]).abs().max()) <= per_entry * n
+
+
+def test_fp64_inputs_are_computed_in_fp32():
+    x, y, w = _inputs(10, 5, 3, torch.float64, "cpu")
+    got = _value_and_grads(F.mpa_loss, x, y, w, BACKEND, proxies_per_class=3)
+    want = _value_and_grads(F.mpa_loss, x, y, w, "reference", proxies_per_class=3)
+    assert all(t.dtype == torch.float64 for t in got)
+    for a, b in zip(got, want):
+        assert float((a - b).abs().max() / b.abs().max()) < 2e-5
+
+
+def test_bad_options_and_too_many_proxies_are_clear_errors():
+    x_hat, w_hat, y = _clustered(4, 3, 2, 16)
+    spec = LossSpec("mpa", 3, 2, 32.0, 0.1)
+    with pytest.raises(ValueError, match="filter_eps"):
+        triton_linear.similarity_loss(x_hat, w_hat, y, spec, filter_eps=1.5)
+    with pytest.raises(TypeError, match="filter_eps"):
+        triton_linear.similarity_loss(x_hat, w_hat, y, spec, filter_eps="0.1")
+    x, y, w = _inputs(4, 2, 33, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="up to 32 proxies per class"):
+        F.mpa_loss(x, y, w, proxies_per_class=33, backend=BACKEND)
+
+
+def test_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        resolve(BACKEND, torch.device("cpu"))
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter runs only without CUDA")
+def test_interpreter_is_available_on_cpu():
+    assert resolve(BACKEND, torch.device("cpu")) is triton_linear
+
+
+@pytest.mark.slow
+def test_every_specialisation_compiles_for_sm80_and_sm90():
+    """Ladder step 3: every variant the launchers can produce compiles for sm_80 and sm_90 (in a
+    subprocess: under TRITON_INTERPRET, @triton.jit gives interpreter objects)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "mpa_kernels.kernels.compile_check",
+                             "--module", "mpa_kernels.kernels.linear"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-5000:]
+    expected = 2 * len(linear.SPECIALISATIONS)
+    assert f"compiled {expected}/{expected}" in result.stdout
+
+
+def _triton_type(value):
+    if isinstance(value, torch.Tensor):
+        return "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+                      torch.int64: "i64"}[value.dtype]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"unexpected kernel argument {value!r}")
+    return "i32" if isinstance(value, int) else "fp32"
+
+
+@pytest.mark.parametrize("loss,k,dtype,deterministic,allow_tf32", [
+    ("mpa", 3, torch.float32, False, True), ("mpa_dw", 10, torch.float16, True, False),
+    ("soft_triple", 1, torch.float32, True, False), ("mpa_ap", 2, torch.float16, False, False),
+])
+def test_launched_specialisations_are_the_checked_ones(monkeypatch, loss, k, dtype,
+                                                        deterministic, allow_tf32):
+    """What the launchers launch is in SPECIALISATIONS (what the compile check builds), with the
+    argument types it declares; only the tiles differ under the interpreter."""
+    launched = []
+    real_launch = Specialisation.launch
+
+    def recording_launch(self, grid, *args):
+        launched.append(self.name)
+        assert tuple(_triton_type(a) for a in args) == tuple(t for _, t in self.arg_types)
+        return real_launch(self, grid, *args)
+
+    monkeypatch.setattr(Specialisation, "launch", recording_launch)
+    monkeypatch.setattr(triton_linear, "DETERMINISTIC", deterministic)
+    monkeypatch.setattr(triton_linear, "ALLOW_TF32", allow_tf32)
+    x = torch.randn(5, 8, dtype=dtype, requires_grad=True)
+    w = torch.randn(3 * k, 8, dtype=dtype, requires_grad=True)
+    LOSSES[loss](x, torch.tensor([0, 1, 2, 1, 0]), w, proxies_per_class=k,
+                 backend=BACKEND).backward()
+    # forward, then one backward launch (class-tile owner adding dx atomically) or two
+    assert len(launched) == (3 if deterministic else 2)
+    assert set(launched) <= {sp.name for sp in linear.SPECIALISATIONS}
+    assert all(name.endswith("tf32]") == allow_tf32 for name in launched)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("loss,k,similarity,n,c,d,deterministic", _cases())
+def test_matches_reference_cuda(dtype, loss, k, similarity, n, c, d, deterministic, monkeypatch):
+    monkeypatch.setattr(triton_linear, "DETERMINISTIC", deterministic)
+    x, y, w = _inputs(n, c, k, dtype, "cuda", d)
+    _assert_matches_reference(LOSSES[loss], x, y, w, proxies_per_class=k, similarity=similarity)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_matches_reference_cuda_realistic(dtype, loss, deterministic, monkeypatch):
+    """CUB-like and SOP-like shapes with d = 512: GPU tiles, many class tiles, chunks of d."""
+    monkeypatch.setattr(triton_linear, "DETERMINISTIC", deterministic)
+    for n, c, k in ((180, 100, 10), (256, 2000, 2)):
+        x, y, w = _inputs(n, c, k, dtype, "cuda", d=512)
+        _assert_matches_reference(LOSSES[loss], x, y, w, proxies_per_class=k)
+
+
+@requires_cuda
+def test_deterministic_mode_is_bitwise_reproducible_cuda():
+    x_hat, w_hat, y = (t.cuda() for t in _clustered(300, 3000, 4, 128))
+    spec = LossSpec("mpa_dw", 3000, 4, 32.0, 0.1)
+    first = _backend_call(x_hat.bfloat16(), w_hat.bfloat16(), y, spec, deterministic=True)
+    second = _backend_call(x_hat.bfloat16(), w_hat.bfloat16(), y, spec, deterministic=True)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("loss,similarity,k,deterministic", [("mpa", "softmax", 3, False),
+                                                             ("mpa_dw", "max", 2, True)])
+def test_opcheck(loss, similarity, k, deterministic):
+    """Schema, fake (meta) kernels and autograd registration of the two custom operators."""
+    n, c, d = 9, 4, 16
+    x = tF.normalize(torch.randn(n, d), dim=1).requires_grad_()
+    w = tF.normalize(torch.randn(c * k, d), dim=1).requires_grad_()
+    labels = torch.randint(0, c, (n,))
+    hyper = (loss, c, k, similarity, 32.0, 0.1, 0.1, deterministic, 0.0, False)
+    torch.library.opcheck(torch.ops.mpa_kernels.linear_loss.default, (x, w, labels) + hyper)
+    _, stat0, stat1, unit_den = torch.ops.mpa_kernels.linear_loss(x, w, labels, *hyper)
+    args = (torch.tensor(1.5), x.detach(), w.detach(), labels, stat0, stat1, unit_den) + hyper
+    torch.library.opcheck(torch.ops.mpa_kernels.linear_loss_backward.default, args)
+
+
+def test_compile_fullgraph_records_the_operators():
+    """torch.compile(fullgraph=True) of a loss on raw embeddings and proxies: the forward and
+    backward operators are single graph nodes, values and gradients equal to eager. The
+    ``aot_eager``-style backend traces both graphs without generating code (quick on CPU)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    spec = LossSpec("mpa_ap", 5, 2, 32.0, 0.1)
+
+    def loss_fn(x, w, labels):
+        return linear.fused_linear_loss(tF.normalize(x, dim=1), tF.normalize(w, dim=1), labels,
+                                        spec, deterministic=False, allow_tf32=False)
+
+    x = torch.randn(11, 8, requires_grad=True)
+    w = torch.randn(10, 8, requires_grad=True)
+    labels = torch.randint(0, 5, (11,))
+    eager = loss_fn(x, w, labels)
+    eager_grads = torch.autograd.grad(eager, (x, w))
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm.code)
+        return make_boxed_func(gm)
+
+    compiled = torch.compile(loss_fn, fullgraph=True,
+                             backend=aot_autograd(fw_compiler=capture, bw_compiler=capture))
+    value = compiled(x, w, labels)
+    grads = torch.autograd.grad(value, (x, w))
+    forward_graph, backward_graph = graphs
+    assert "mpa_kernels.linear_loss.default" in forward_graph
+    assert "mpa_kernels.linear_loss_backward.default" in backward_graph
+    torch.testing.assert_close(value, eager)
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b)
