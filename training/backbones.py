@@ -185,6 +185,14 @@ class EmbeddingNet(nn.Module):
         return F.normalize(self.embed(h), dim=1)
 
 
+IMAGENET_BACKBONES = ("bn_inception", "resnet50")
+
+
+def random_init_note(name: str) -> str:
+    return (f"{name}: no pretrained weights given, training from random initialisation (the paper "
+            "fine-tunes ImageNet weights; set pretrained=PATH)")
+
+
 def build(cfg: dict, input_dim: int | None = None) -> EmbeddingNet:
     """The network of ``cfg``; ``input_dim`` is the vector size for the mlp backbone."""
     name, weights = cfg["backbone"], cfg["pretrained"]
@@ -204,9 +212,8 @@ def build(cfg: dict, input_dim: int | None = None) -> EmbeddingNet:
             raise ValueError("the mlp backbone needs vector inputs (dataset=synthetic)")
         trunk = MLP(input_dim, cfg["hidden_size"])
         features = trunk.out_features
-    if weights and name in ("small_cnn", "mlp"):
+    if weights and name not in IMAGENET_BACKBONES:
         raise ValueError(f"backbone {name!r} has no pretrained weights; set pretrained=''")
-    if not weights and name in ("bn_inception", "resnet50"):
-        warnings.warn(f"{name}: no pretrained weights given, training from random initialisation "
-                      "(the paper fine-tunes ImageNet weights; set pretrained=PATH)", stacklevel=2)
+    if not weights and name in IMAGENET_BACKBONES:
+        warnings.warn(random_init_note(name), stacklevel=2)
     return EmbeddingNet(trunk, features, cfg["embedding_size"], cfg["gem_p"])
