@@ -22,32 +22,17 @@ Triton was imported (slow; meant for tests).
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
 from mpa_kernels._spec import LossSpec
-from mpa_kernels.backends import triton_interpreting
+# Same requirements as the "triton" backend: Triton, and CUDA or the interpreter.
+from mpa_kernels.backends.triton_s import unavailable_reason  # noqa: F401
 
 LOW_PRECISION = True
 
 DETERMINISTIC: bool | None = None
 FILTER_EPS: float = 0.0
 ALLOW_TF32: bool | None = None
-
-
-def unavailable_reason(device: torch.device) -> str | None:
-    if importlib.util.find_spec("triton") is None:
-        return "Triton is not installed (pip install triton; Linux only)"
-    if device.type == "cuda":
-        return None
-    if device.type == "cpu" and triton_interpreting():
-        return None
-    if device.type == "cpu":
-        return ("Triton kernels need a CUDA GPU; on CPU they run only through the interpreter, "
-                "with TRITON_INTERPRET=1 set before the first import of triton (slow, for "
-                "testing). Use backend='torch' on CPU.")
-    return f"Triton kernels run on CUDA devices, not {device.type}"
 
 
 def similarity_loss(
