@@ -16,8 +16,9 @@ Kernels follow the two families of GUIDE.md:
   grid covers ``s`` and each program turns one tile of ``s`` into one tile of ``ds``.
 
 Forward programs split the swept dimension into ``splits`` ranges when the owned dimension alone
-would leave the GPU idle (N = 256 rows are 16 programs); each writes a partial log-sum-exp and
-torch merges the ``splits x N`` (or ``splits x C``) partials, which is cheap next to ``s``.
+would leave the GPU idle (N = 256 rows are 16 programs); each writes a partial log-sum-exp, and
+``_finalize_kernel`` (one program) merges the ``splits x N`` (or ``splits x C``) partials into the
+statistics and the loss. A forward is two launches, a backward one.
 
 Layout: :func:`similarity_loss_forward` / :func:`similarity_loss_backward` are the host launchers;
 :func:`specialisation` is the single place that picks a kernel's constexprs and warps, used by the
@@ -162,6 +163,61 @@ def _column_forward_kernel(s_ptr, labels_ptr, part_ptr, N, C, K, blocks_per_spli
     tl.store(out + splits * C, lse_finalize(m_neg, l_neg), mask=cls < C)
 
 
+@triton.jit
+def _merge_splits(part_ptr, idx, ok, M, splits):
+    """Log-sum-exp over the ``splits`` partials ``part[s, idx]`` (each ``[splits, M]``)."""
+    m = tl.full(idx.shape, float("-inf"), tl.float32)
+    l = tl.zeros(idx.shape, tl.float32)
+    for split in range(0, splits):
+        x = tl.load(part_ptr + split * M + idx, mask=ok, other=float("-inf"))
+        m, l = online_lse_update(m, l, x[None, :], ok[None, :], 0)
+    return lse_finalize(m, l)
+
+
+@triton.jit
+def _finalize_kernel(part_ptr, stats_ptr, weights_ptr, loss_ptr, M, splits, N, C,
+                     LOSS: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: merge the forward's ``[2, splits, M]`` partials (M = N rows or C classes) into
+    the log-sum-exps the backward needs (``stats``, the zero logit added where the loss has one),
+    the weights of positive and negative groups, and the loss. One launch instead of a dozen small
+    torch ops, which would cost more than the pass over s at N = 256.
+
+    A class is in C+ exactly when its merged positive LSE (before the zero logit) is finite.
+    """
+    total_pos = tl.zeros([BLOCK], tl.float32)
+    total_neg = tl.zeros([BLOCK], tl.float32)
+    present = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, M, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        ok = idx < M
+        first = _merge_splits(part_ptr, idx, ok, M, splits)
+        if LOSS == LOSS_MPA:
+            second = softplus(_merge_splits(part_ptr + splits * M, idx, ok, M, splits))
+            present += tl.where(ok & (first > float("-inf")), 1.0, 0.0)
+            first = softplus(first)
+            tl.store(stats_ptr + M + idx, second, mask=ok)
+            total_neg += tl.where(ok, second, 0.0)
+            total_pos += tl.where(ok, first, 0.0)
+        else:
+            if LOSS != LOSS_SOFT_TRIPLE:
+                first = softplus(first)
+            positive = tl.zeros([BLOCK], tl.float32)
+            for split in range(0, splits):
+                positive += tl.load(part_ptr + (splits + split) * M + idx, mask=ok, other=0.0)
+            total_pos += tl.where(ok, first + positive, 0.0)
+        tl.store(stats_ptr + idx, first, mask=ok)
+    if LOSS == LOSS_MPA:
+        w_pos = 1.0 / tl.sum(present, axis=0)
+        w_neg = 1.0 / C
+        tl.store(loss_ptr, tl.sum(total_pos, axis=0) * w_pos + tl.sum(total_neg, axis=0) * w_neg)
+    else:
+        w_pos = 1.0 / N
+        w_neg = w_pos
+        tl.store(loss_ptr, tl.sum(total_pos, axis=0) * w_pos)
+    tl.store(weights_ptr, w_pos)
+    tl.store(weights_ptr + 1, w_neg)
+
+
 # Gradient. Every loss is a weighted sum of log-sum-exps G over groups of logits z (with or without
 # a zero logit), and dG/dz_j = e^(z_j - G) for a member j. The group of pair (i, c) and the weight:
 #   MPA-AP       row i (zero logit)                                    weight 1/N
@@ -172,9 +228,9 @@ def _column_forward_kernel(s_ptr, labels_ptr, part_ptr, N, C, K, blocks_per_spli
 # so dL/dz_ic = grad * weight * (e^(z_ic - G) - [SoftTriple and c = y_i]), then
 # dL/dS_ic = alpha * sign_ic * dL/dz_ic (common.loss_logits) and ds = dS/ds * dL/dS
 # (common.class_similarity_vjp). `stats` holds G: per row [N] or per class [2, C] (P, then N);
-# `coef` holds grad * weight for positives and negatives.
+# `weights` the weights of positive and negative groups; `grad` is the upstream scalar.
 @triton.jit
-def _backward_kernel(s_ptr, ds_ptr, labels_ptr, stats_ptr, coef_ptr, N, C, K,
+def _backward_kernel(s_ptr, ds_ptr, labels_ptr, stats_ptr, weights_ptr, grad_ptr, N, C, K,
                      alpha, delta, inv_gamma, sim,
                      LOSS: tl.constexpr, K_PAD: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -185,7 +241,8 @@ def _backward_kernel(s_ptr, ds_ptr, labels_ptr, stats_ptr, coef_ptr, N, C, K,
     labels = tl.load(labels_ptr + rows, mask=rows < N, other=-1)
     s, offs, mask, q, S, z, sign, is_pos, pair_ok = _logit_tile(
         s_ptr, labels, rows, cls, N, C, K, alpha, delta, inv_gamma, sim, LOSS, K_PAD)
-    coef = tl.where(is_pos, tl.load(coef_ptr), tl.load(coef_ptr + 1))
+    grad = tl.load(grad_ptr)
+    coef = tl.where(is_pos, grad * tl.load(weights_ptr), grad * tl.load(weights_ptr + 1))
     if LOSS == LOSS_MPA:
         lse_pos = tl.load(stats_ptr + cls, mask=cls < C, other=0.0)
         lse_neg = tl.load(stats_ptr + C + cls, mask=cls < C, other=0.0)
@@ -212,14 +269,18 @@ _FORWARD_ARGS = (("s_ptr", "*S"), ("labels_ptr", "*i64"), ("part_ptr", "*fp32"),
                  ("C", "i32"), ("K", "i32"), ("blocks_per_split", "i32"), ("alpha", "fp32"),
                  ("delta", "fp32"), ("inv_gamma", "fp32"), ("sim", "i32"))
 _BACKWARD_ARGS = (("s_ptr", "*S"), ("ds_ptr", "*S"), ("labels_ptr", "*i64"),
-                  ("stats_ptr", "*fp32"), ("coef_ptr", "*fp32"), ("N", "i32"), ("C", "i32"),
-                  ("K", "i32"), ("alpha", "fp32"), ("delta", "fp32"), ("inv_gamma", "fp32"),
-                  ("sim", "i32"))
+                  ("stats_ptr", "*fp32"), ("weights_ptr", "*fp32"), ("grad_ptr", "*fp32"),
+                  ("N", "i32"), ("C", "i32"), ("K", "i32"), ("alpha", "fp32"), ("delta", "fp32"),
+                  ("inv_gamma", "fp32"), ("sim", "i32"))
+_FINALIZE_ARGS = (("part_ptr", "*fp32"), ("stats_ptr", "*fp32"), ("weights_ptr", "*fp32"),
+                  ("loss_ptr", "*fp32"), ("M", "i32"), ("splits", "i32"), ("N", "i32"),
+                  ("C", "i32"))
 _KERNELS = {
     "row_forward": (_row_forward_kernel, _FORWARD_ARGS),
     "column_forward": (_column_forward_kernel, _FORWARD_ARGS),
     "backward": (_backward_kernel, _BACKWARD_ARGS),
 }
+FINALIZE_BLOCK = 1024
 
 
 @dataclass(frozen=True)
@@ -254,8 +315,13 @@ def _k_pad(proxies_per_class: int) -> int:
 
 def specialisation(kind: str, loss: str, proxies_per_class: int,
                    dtype: torch.dtype) -> Specialisation:
-    """The kernel variant that computes ``loss`` for these inputs; ``kind`` is ``"forward"`` or
+    """The kernel variant that computes ``loss`` for these inputs; ``kind`` is ``"forward"``,
+    ``"finalize"`` (which merges the forward's partials; fp32 whatever ``dtype``) or
     ``"backward"``. The similarity mode is a runtime argument, not part of the variant."""
+    if kind == "finalize":
+        name = f"{_finalize_kernel.__name__}[LOSS={LOSS_CODES[loss]}]"
+        return Specialisation(name, _finalize_kernel, _FINALIZE_ARGS,
+                              (("LOSS", LOSS_CODES[loss]), ("BLOCK", FINALIZE_BLOCK)), 4)
     if proxies_per_class > MAX_PROXIES_PER_CLASS:
         raise ValueError(
             f"the triton backend supports up to {MAX_PROXIES_PER_CLASS} proxies per class, got "
@@ -279,7 +345,7 @@ def _enumerate_specialisations() -> tuple:
     out = {}
     for dtype in _TRITON_DTYPES:
         for loss in LOSS_CODES:
-            for kind in ("forward", "backward"):
+            for kind in ("forward", "finalize", "backward"):
                 for k in range(1, MAX_PROXIES_PER_CLASS + 1):
                     spec = specialisation(kind, loss, k, dtype)
                     out[spec.name] = spec
@@ -321,25 +387,15 @@ def similarity_loss_forward(s: torch.Tensor, labels: torch.Tensor, loss: str, nu
     column_wise = LOSS_CODES[loss] == LOSS_MPA.value
     owned, swept = (class_blocks, row_blocks) if column_wise else (row_blocks, class_blocks)
     splits, per_split = _forward_splits(owned, swept, s.device)
-    part = torch.empty((2, splits, c if column_wise else n), device=s.device, dtype=torch.float32)
+    m = c if column_wise else n
+    part = torch.empty((2, splits, m), device=s.device, dtype=torch.float32)
     spec.launch((owned, splits), s, labels, part, n, c, k, per_split, alpha, delta, 1.0 / gamma,
                 SIMILARITY_CODES[similarity])
-
-    # Merge the splits' partial log-sum-exps; the zero logit, where the loss has one, joins here
-    # once (every MPA log-sum-exp, the MPA-DW and MPA-AP row LSEs; not SoftTriple's softmax).
-    zero = torch.zeros((), device=s.device, dtype=torch.float32)
-    if column_wise:
-        stats = torch.logaddexp(torch.logsumexp(part, dim=1), zero)
-        present = torch.zeros(c, device=s.device, dtype=torch.bool).index_fill_(0, labels, True)
-        weights = torch.stack([1.0 / present.sum().float(), zero + 1.0 / c])
-        value = (stats * weights[:, None]).sum()
-    else:
-        stats = torch.logsumexp(part[0], dim=0)
-        if LOSS_CODES[loss] != LOSS_SOFT_TRIPLE.value:
-            stats = torch.logaddexp(stats, zero)
-        positive = part[1].sum(dim=0)
-        weights = torch.full((2,), 1.0 / n, device=s.device, dtype=torch.float32)
-        value = (stats + positive).sum() / n
+    stats = torch.empty((2, c) if column_wise else (n,), device=s.device, dtype=torch.float32)
+    weights = torch.empty(2, device=s.device, dtype=torch.float32)
+    value = torch.empty((), device=s.device, dtype=torch.float32)
+    specialisation("finalize", loss, k, s.dtype).launch(
+        (1,), part, stats, weights, value, m, splits, n, c)
     return value, stats, weights
 
 
@@ -353,10 +409,9 @@ def similarity_loss_backward(grad: torch.Tensor, s: torch.Tensor, labels: torch.
     spec = specialisation("backward", loss, k, s.dtype)
     block_c = dict(spec.constexprs)["BLOCK_C"]
     ds = torch.empty_like(s)
-    coef = (grad.float() * weights).contiguous()
     grid = (triton.cdiv(c, block_c), triton.cdiv(n, BLOCK_N))
-    spec.launch(grid, s, ds, labels, stats, coef, n, c, k, alpha, delta, 1.0 / gamma,
-                SIMILARITY_CODES[similarity])
+    spec.launch(grid, s, ds, labels, stats, weights, grad.float(), n, c, k, alpha, delta,
+                1.0 / gamma, SIMILARITY_CODES[similarity])
     return ds
 
 
