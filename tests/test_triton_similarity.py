@@ -181,6 +181,13 @@ def test_edge_cases(loss, case, n, c, k, alpha):
     _assert_matches_reference(LOSSES[loss], x, y, w, proxies_per_class=k, **kw)
 
 
+@pytest.mark.parametrize("loss,n,c", [("mpa", 6, 1100), ("soft_triple", 1030, 3)])
+def test_statistics_span_several_finalize_blocks(loss, n, c):
+    """More classes (column-wise) or rows (row-wise) than the finalize kernel's 1024-wide block."""
+    x, y, w = _inputs(n, c, 1, torch.float32, "cpu")
+    _assert_matches_reference(LOSSES[loss], x, y, w, proxies_per_class=1)
+
+
 @pytest.mark.parametrize("fn", [F.proxy_anchor_loss, F.proxy_nca_loss])
 @pytest.mark.parametrize("n,c", [(1, 3), (21, 9)])
 def test_single_proxy_baselines(fn, n, c):
