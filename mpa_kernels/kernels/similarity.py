@@ -260,7 +260,7 @@ def _backward_kernel(s_ptr, ds_ptr, labels_ptr, stats_ptr, weights_ptr, grad_ptr
 
 
 # --------------------------------------------------------------------------------------------
-# Specialisations: the one place that maps (kernel, loss, similarity, K, dtype) to constexprs.
+# Specialisations: the one place that maps (kernel, loss, K, dtype) to constexprs.
 
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
