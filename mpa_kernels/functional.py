@@ -70,7 +70,7 @@ def _proxy_loss(
     )
     spec = LossSpec(loss, num_classes, proxies_per_class, float(alpha), float(delta),
                     float(gamma), similarity)
-    impl = resolve(backend, embeddings.device)
+    impl = resolve(backend, embeddings.device, spec)
     dtype = torch.promote_types(embeddings.dtype, proxies.dtype)
     if dtype in _HALF and not impl.LOW_PRECISION:
         dtype = torch.float32

@@ -174,3 +174,24 @@ def test_module_is_trainable():
         loss_fn(x, labels).backward()
         opt.step()
     assert loss_fn(x, labels).item() < first
+
+
+def test_auto_skips_a_backend_that_cannot_compute_the_spec(monkeypatch):
+    import types
+
+    from mpa_kernels import backends
+    from mpa_kernels._spec import LossSpec
+
+    limited = types.SimpleNamespace(
+        LOW_PRECISION=False,
+        unavailable_reason=lambda device: None,
+        unsupported_reason=lambda spec: "at most 4 proxies" if spec.proxies_per_class > 4 else None,
+    )
+    monkeypatch.setitem(backends.sys.modules, backends._MODULES["torch"], limited)
+    small = LossSpec("mpa", 10, 4, 32.0, 0.1)
+    large = LossSpec("mpa", 10, 40, 32.0, 0.1)
+    cpu = torch.device("cpu")
+    assert backends.auto_backend(cpu, small) == "torch"
+    assert backends.auto_backend(cpu, large) == "reference"
+    with pytest.raises(BackendUnavailableError, match="at most 4 proxies"):
+        backends.resolve("torch", cpu, large)

@@ -68,9 +68,6 @@ def test_compile_fullgraph_records_the_operators():
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "mpa_kernels.backends._load calls importlib.import_module, which Dynamo refuses to trace; "
-    "looking the module up in sys.modules first removes the graph break (see the triton report)"))
 def test_compile_fullgraph_through_the_public_api():
     proxies = torch.nn.Parameter(torch.randn(12, 8, device=DEVICE))
     x = torch.randn(9, 8, device=DEVICE, requires_grad=True)

@@ -7,7 +7,9 @@ A backend is a module in this package that defines
 * ``unavailable_reason(device: torch.device) -> str | None``: why it cannot run on that device
   (``None`` when it can);
 * ``LOW_PRECISION``: ``True`` if it computes fp16/bf16 inputs itself (accumulating in fp32);
-  otherwise the front end hands it fp32 copies.
+  otherwise the front end hands it fp32 copies;
+* optionally ``unsupported_reason(spec) -> str | None``: why it cannot compute this loss (a kernel
+  limit such as the number of proxies per class); ``"auto"`` then moves on to the next backend.
 
 Modules are imported lazily, so a backend whose dependencies are missing (Triton on macOS, say)
 costs nothing until it is asked for, and then fails with a message that says why.
@@ -17,9 +19,12 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from types import ModuleType
 
 import torch
+
+from mpa_kernels._spec import LossSpec
 
 BACKENDS = ("reference", "torch", "triton", "triton-linear", "auto")
 
@@ -42,6 +47,11 @@ def check_backend_name(name: str) -> None:
 
 def _load(name: str) -> ModuleType | None:
     """The backend's module, or ``None`` if this version of the library does not ship it."""
+    # A loaded module comes from sys.modules without the import machinery, which torch.compile
+    # cannot trace: this keeps fullgraph compilation of a model that calls the loss possible.
+    module = sys.modules.get(_MODULES[name])
+    if module is not None:
+        return module
     try:
         return importlib.import_module(_MODULES[name])
     except ModuleNotFoundError as err:
@@ -55,27 +65,35 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def auto_backend(device: torch.device) -> str:
+def _refusal(module: ModuleType, device: torch.device, spec: LossSpec | None) -> str | None:
+    reason = module.unavailable_reason(device)
+    if reason is None and spec is not None and hasattr(module, "unsupported_reason"):
+        reason = module.unsupported_reason(spec)
+    return reason
+
+
+def auto_backend(device: torch.device, spec: LossSpec | None = None) -> str:
     """The rule behind ``backend="auto"``: the fastest backend that can run on ``device``.
 
     CUDA tensors go to the Triton kernels, CPU tensors to the chunked PyTorch backend. The Triton
     interpreter (``TRITON_INTERPRET=1``) is for testing and is only used when ``"triton"`` or
-    ``"triton-linear"`` is asked for by name. A backend this version does not ship is skipped, down
+    ``"triton-linear"`` is asked for by name. A backend this version does not ship, or one that
+    cannot compute ``spec`` (say, more proxies per class than its kernels hold), is skipped, down
     to the reference, which runs everywhere.
     """
     preference = ("triton", "torch", "reference") if device.type == "cuda" else ("torch", "reference")
     for name in preference:
         module = _load(name)
-        if module is not None and module.unavailable_reason(device) is None:
+        if module is not None and _refusal(module, device, spec) is None:
             return name
     return "reference"
 
 
-def resolve(name: str, device: torch.device) -> ModuleType:
+def resolve(name: str, device: torch.device, spec: LossSpec | None = None) -> ModuleType:
     """The module implementing backend ``name`` on ``device``; a clear error if there is none."""
     check_backend_name(name)
     if name == "auto":
-        name = auto_backend(device)
+        name = auto_backend(device, spec)
     module = _load(name)
     if module is None:
         available = [n for n in _MODULES if _load(n) is not None]
@@ -83,7 +101,7 @@ def resolve(name: str, device: torch.device) -> ModuleType:
             f"backend {name!r} is not implemented in this version of mpa-kernels; "
             f"available backends: {available}"
         )
-    reason = module.unavailable_reason(device)
+    reason = _refusal(module, device, spec)
     if reason is not None:
         raise BackendUnavailableError(f"backend {name!r} cannot run on {device}: {reason}")
     return module

@@ -36,6 +36,15 @@ def unavailable_reason(device: torch.device) -> str | None:
     return f"Triton kernels run on CUDA devices, not {device.type}"
 
 
+def unsupported_reason(spec: LossSpec) -> str | None:
+    from mpa_kernels.kernels.similarity import MAX_PROXIES_PER_CLASS
+
+    if spec.proxies_per_class > MAX_PROXIES_PER_CLASS:
+        return (f"its kernels hold up to {MAX_PROXIES_PER_CLASS} proxies per class, got "
+                f"{spec.proxies_per_class}; use backend='torch'")
+    return None
+
+
 def similarity_loss(
     x_hat: torch.Tensor, w_hat: torch.Tensor, labels: torch.Tensor, spec: LossSpec
 ) -> torch.Tensor:
