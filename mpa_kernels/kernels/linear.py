@@ -2,69 +2,109 @@
 
 Tiles of ``s = x_hat @ w_hat.T`` are computed with ``tl.dot`` (fp32 accumulation) inside the kernels,
 reduced at once and never stored: the forward keeps O(N + C) statistics, the backward recomputes the
-tiles (flash-attention / Cut Cross-Entropy style). No N x C*K buffer exists in either pass.
+tiles (flash-attention / Cut Cross-Entropy style). No N x C*K buffer exists in either pass. The
+intra-class reduction over K, the logits and the online log-sum-exp are :mod:`.common`'s helpers,
+shared with the kernels over a materialised s (:mod:`.similarity`).
 
 Tiling
 ------
-A program's tile is ``BLOCK_M`` samples by ``BLOCK_N = BLOCK_C * KP`` proxy columns: ``BLOCK_C`` whole
-classes, each with its ``K`` proxies padded to ``KP`` (the next power of two, masked), so the
-intra-class reduction over K happens inside one tile with a reshape to (BLOCK_M, BLOCK_C, KP). Padding
-costs ``KP / K`` extra dot work (none for K in {1, 2, 4}; 60 % for K = 10). ``d`` is looped over in
-``BLOCK_D`` chunks with masking, so no size has to be a multiple of a tile.
+A tile is ``BLOCK_M`` samples by ``BLOCK_C * KP`` proxy columns: ``BLOCK_C`` whole classes, each with
+its ``K`` proxies padded to ``KP`` (the next power of two, masked), so the intra-class reduction over
+K happens inside one tile with a reshape to (BLOCK_M, BLOCK_C, KP). Padding costs ``KP / K`` extra
+dot work (none for K in {1, 2, 4}; 60 % for K = 10). ``d`` is looped over in ``BLOCK_D`` chunks with
+masking, so no size has to be a multiple of a tile. GPU tiles: 128 x 128 forward, 64 x 64 backward.
 
 * Row-wise family (MPA-DW, MPA-AP, SoftTriple, ProxyNCA): grid (row tiles, splits of the class
   tiles). Each program runs an online log-sum-exp over its classes and writes one partial LSE per
-  row and split (and the positive class similarity); the host combines the splits (and the implicit
-  zero logit) with ``torch.logsumexp``. Splits exist only to fill the GPU when N is small.
+  row and split (and the positive's class similarity); the host merges the splits and the
+  implicit zero logit with ``torch.logsumexp``. Splits exist only to fill the GPU when N is small.
 * Column-wise family (MPA, ProxyAnchor): grid (class tiles, splits of the row tiles); two online
-  LSEs per class (positives, negatives), combined the same way.
-* Backward: one kernel, ``_backward_kernel``, that *owns* either a row tile (accumulates dx_hat for
-  it, looping over class tiles) or a class tile (accumulates dw_hat, looping over row tiles). The
-  owned block is read-modified-written in a private fp32 partial buffer (no race: one program per
-  block and split), ``d`` chunk by chunk, so no d-sized accumulator has to fit in registers. The
-  other gradient is either atomically added (default: one launch, 4 GEMM-equivalents in all) or
-  computed by a second launch that owns the other side (deterministic mode).
+  LSEs per class (positives, negatives), merged the same way.
+* Backward: one kernel, :func:`_backward_kernel`, whose program *owns* a class tile (accumulates
+  dw_hat for it, looping over row tiles) or a row tile (dx_hat, looping over class tiles). The
+  owned block is read-modified-written in a private fp32 partial buffer, ``d`` chunk by chunk, so
+  no d-sized accumulator has to fit in registers and no two programs write the same place.
+  Default: one launch of class-tile owners that also ``atomic_add`` their share of dx_hat.
+  Deterministic: a row-tile-owner launch for dx_hat, then a class-tile-owner launch for dw_hat.
+  dw_hat is produced in chunks of at most ``DW_SCRATCH_BYTES`` of fp32, each cast into the
+  gradient at once, so the fp32 scratch is bounded whatever C is.
+
+The loss, the similarity mode, the owner side and the atomics are runtime switches (uniform
+branches, free next to the dots); only the dtype, TF32, KP and the family's forward kernel are
+compiled variants: :data:`SPECIALISATIONS` lists all 72, and the compile check
+(:mod:`.compile_check`) builds each for sm_80 and sm_90.
 
 Options (keyword arguments of :func:`fused_linear_loss`)
 --------------------------------------------------------
-* ``deterministic``: no order-dependent atomics. Cost: the backward recomputes s twice (once for
-  dx_hat, once for dw_hat), so forward + backward does 5 GEMM-equivalents instead of 4 (+25 % GEMM
-  work), plus the split partial buffers, which are summed by torch in a fixed order. The forward is
+* ``deterministic`` (default: ``torch.are_deterministic_algorithms_enabled()``): no
+  order-dependent atomics; results are bitwise reproducible run to run (the split partials are
+  summed by torch in a fixed order). Cost: the backward recomputes s twice, once per owner side, so
+  forward + backward does 5 GEMM-equivalents instead of 4 (+25 % of the matmul work), plus one
+  fp32 partial buffer of ``splits x N x d`` (at most ``SPLIT_SCRATCH_BYTES``). The forward is
   deterministic in both modes (it has no atomics).
-* ``filter_eps``: skip the gradient products of a backward tile when every class-level gradient in it
-  satisfies ``|dL/dS_ic| < filter_eps * alpha * unit`` (``unit`` = g/N row-wise, g/|C+| column-wise),
-  i.e. when every softmax / sigmoid weight in the tile is below ``filter_eps`` (the role of Cut
-  Cross-Entropy's gradient filtering). The recomputation of s still happens, so it saves at most the
-  two gradient GEMMs of the skipped tiles. The loss is never affected (the forward is exact). Off
-  (0.0) by default, and then bitwise equal to the unfiltered kernels.
+* ``filter_eps`` (default 0, off): skip the two gradient products of a backward tile when every
+  class-level gradient in it satisfies ``|dL/dS_ic| < filter_eps * alpha * unit`` (``unit`` = g/N
+  row-wise, g/|C+| column-wise), i.e. when every softmax / sigmoid weight of the tile is below
+  ``filter_eps`` (the role of Cut Cross-Entropy's gradient filtering). s is still recomputed, so
+  it saves at most the two gradient GEMMs of the skipped tiles, i.e. up to half of the backward.
+  The loss is never affected (the forward is exact); with 0 every tile passes, which is the exact
+  kernel.
 
-  Measured effect (interpreter, fp32, N=64, C=256, K=2, d=64, 32 x 32 tiles, embeddings clustered
-  around their class's proxies with noise 0.5, alpha=32, delta=0.1, softmax similarity; relative
-  error = max |g_filtered - g_exact| / max |g_exact|):
+  Bound: a skipped entry contributes at most ``filter_eps * alpha * unit * J`` to each element of
+  a gradient row, ``J`` the intra-class Jacobian summed over k (1 for "max"/"mean", at most
+  1 + 2/gamma for "softmax"); so an element of dx_hat is off by at most that times the number of
+  skipped classes, and one of dw_hat by at most that times the number of skipped samples. The
+  tests check this bound.
 
-  ==========  =========  ==================  ==================  ==================
-  loss        eps        tiles skipped       rel. err dx_hat     rel. err dw_hat
-  ==========  =========  ==================  ==================  ==================
-  FILTER_TABLE
-  ==========  =========  ==================  ==================  ==================
+  Measured effect (interpreter, fp32, N=64, C=1024, K=2, d=128, 32 x 32 tiles, softmax
+  similarity, embeddings near their class's proxies with classes in groups of 8 related ones, as
+  ``tests/test_triton_linear.py::_clustered`` makes them; alpha=32, delta=0.1 (SoftTriple 20,
+  0.01); "skipped" is the share of backward tiles skipped; errors are max |filtered - exact| over
+  max |exact| per gradient; the loss was bitwise unchanged in every run):
 
-  Bound: a skipped class entry contributes at most ``filter_eps * alpha * unit * J`` to a gradient
-  row, with ``J`` the intra-class Jacobian (<= 1 for "max"/"mean", <= 1 + 2/gamma for "softmax"),
-  so the absolute error of a row of dx_hat is at most ``filter_eps * alpha * unit * J * (number of
-  skipped classes)``; tests check this bound.
-* ``allow_tf32``: fp32 inputs use TF32 tensor cores in ``tl.dot`` (default: follow
-  ``torch.backends.cuda.matmul.allow_tf32``). fp16/bf16 inputs always use their tensor cores; the
-  class-level gradients are rounded to the input dtype for the gradient products (as flash-attention
-  does), after factoring out the global scale so that fp16 does not underflow.
+  ===========  ======  =======  ===========  ===========
+  loss         eps     skipped  dx_hat err.  dw_hat err.
+  ===========  ======  =======  ===========  ===========
+  MPA-DW       1e-5    35 %     2.9e-5       1.2e-5
+  MPA-DW       1e-4    58 %     1.5e-4       8.3e-5
+  MPA-DW       1e-3    60 %     5.0e-4       3.9e-4
+  MPA-DW       1e-2    60 %     5.0e-4       3.9e-4
+  MPA-AP       1e-5    35 %     2.9e-5       1.2e-5
+  MPA-AP       1e-3    60 %     5.0e-4       3.9e-4
+  SoftTriple   1e-5    55 %     9.8e-4       1.3e-4
+  SoftTriple   1e-4    60 %     1.2e-3       3.8e-4
+  SoftTriple   1e-3    60 %     1.2e-3       3.8e-4
+  SoftTriple   1e-2    68 %     1.5e-1       1.6e-1
+  MPA          1e-3    0 %      0            0
+  MPA          1e-2    0.8 %    8.0e-3       8.0e-2
+  ===========  ======  =======  ===========  ===========
 
-GPU cost model (the large shape N=1024, C=100000, K=4, d=512, bf16): the GEMM floor is 3 GEMMs of
-2*N*C*K*d flops (s, ds@W, ds^T@X). Without storing s, an exact fused kernel cannot do fewer than 4:
-the row-wise normaliser (LSE over all classes) is known only after a full pass over s, and every
-ds entry depends on it, so s is computed once for the statistics and once more for the gradients.
-The best exact fused-linear time is therefore about 4/3 of the floor (atomic mode) and 5/3
-(deterministic mode); ``filter_eps`` brings it below that when most tiles are negligible.
-Extra memory at that shape: the statistics (a few MB), the fp32 dx_hat accumulator (2 MB) and the
-fp32 dw_hat accumulator, bounded by processing the proxies in chunks of ``DW_SCRATCH_BYTES``.
+  The 60 % plateau is the share of tiles without a hard negative (their weights are all below
+  1e-5); what remains are tiles with one, which no small eps skips. SoftTriple at 1e-2 starts
+  dropping hard negatives' weights too, hence its error.
+
+  Reading: the filter pays where the class softmax of a sample is peaked (a few hard negatives,
+  many far classes, large C), as in language-model heads. With proxies and alpha = 32 the
+  weights of far classes are ~e^(alpha (S_far - S_hard)), tiny only when the similarity gap is
+  large; MPA's class-wise LSE runs over the N samples of a batch, whose weights are ~1/N, so it
+  filters almost nothing below eps = 1e-2. A safe setting keeps ``filter_eps * (number of
+  classes)`` well below the gradient accuracy wanted.
+* ``allow_tf32`` (default: ``torch.backends.cuda.matmul.allow_tf32``): fp32 inputs use TF32
+  tensor cores in ``tl.dot``. fp16/bf16 inputs always use their tensor cores; the class-level
+  gradients are rounded to the input dtype for the gradient products (as flash-attention does),
+  after factoring the global scale (g/N or g/|C+|) out so that fp16 does not underflow.
+
+GPU cost model (not yet measured: no GPU was available when this was written)
+-----------------------------------------------------------------------------
+At the large shape (N=1024, C=100000, K=4, d=512, bf16) the GEMM floor is 3 GEMMs of
+2*N*C*K*d = 0.42 TFLOP (s, ds @ W, ds^T @ X). Without storing s, an exact fused kernel cannot do
+fewer than 4: the row-wise normaliser (the LSE over all classes) is known only after a full pass
+over s, and every ds entry depends on it, so s is computed once for the statistics and once more for
+the gradients. The best exact time is therefore about 4/3 of the floor in the default mode and 5/3
+in the deterministic mode, if ``tl.dot`` tiles run as fast as cuBLAS; ``filter_eps`` goes below
+that when most tiles are negligible. Extra memory at that shape: the statistics (< 1 MB), the fp32
+dx_hat accumulator (2 MB), the fp32 dw_hat chunk scratch (``DW_SCRATCH_BYTES`` = 256 MiB) and the
+split partials (<= ``SPLIT_SCRATCH_BYTES``): under 0.4 GiB, against 1.6 GiB for s and ds in bf16.
 """
 
 from __future__ import annotations
