@@ -1,4 +1,5 @@
-"""The ``"triton-linear"`` backend: the loss straight from ``x_hat`` and ``w_hat``, no N x C*K tensor.
+"""The ``"triton-linear"`` backend: the loss straight from ``x_hat`` and ``w_hat``, no N x C*K
+tensor.
 
 Fused-linear Triton kernels (:mod:`mpa_kernels.kernels.linear`) compute tiles of
 ``x_hat @ w_hat.T`` with ``tl.dot`` (fp32 accumulation), reduce them at once and keep O(N + C)

@@ -1,18 +1,19 @@
 """Fused-linear Triton kernels: every loss straight from ``x_hat`` (N, d) and ``w_hat`` (C*K, d).
 
-Tiles of ``s = x_hat @ w_hat.T`` are computed with ``tl.dot`` (fp32 accumulation) inside the kernels,
-reduced at once and never stored: the forward keeps O(N + C) statistics, the backward recomputes the
-tiles (flash-attention / Cut Cross-Entropy style). No N x C*K buffer exists in either pass. The
-intra-class reduction over K, the logits and the online log-sum-exp are :mod:`.common`'s helpers,
-shared with the kernels over a materialised s (:mod:`.similarity`).
+Tiles of ``s = x_hat @ w_hat.T`` are computed with ``tl.dot`` (fp32 accumulation) inside the
+kernels, reduced at once and never stored: the forward keeps O(N + C) statistics, the backward
+recomputes the tiles (flash-attention / Cut Cross-Entropy style). No N x C*K buffer exists in either
+pass. The intra-class reduction over K, the logits and the online log-sum-exp are :mod:`.common`'s
+helpers, shared with the kernels over a materialised s (:mod:`.similarity`).
 
 Tiling
 ------
-A tile is ``BLOCK_M`` samples by ``BLOCK_C * KP`` proxy columns: ``BLOCK_C`` whole classes, each with
-its ``K`` proxies padded to ``KP`` (the next power of two, masked), so the intra-class reduction over
-K happens inside one tile with a reshape to (BLOCK_M, BLOCK_C, KP). Padding costs ``KP / K`` extra
-dot work (none for K in {1, 2, 4}; 60 % for K = 10). ``d`` is looped over in ``BLOCK_D`` chunks with
-masking, so no size has to be a multiple of a tile. GPU tiles: 128 x 128 forward, 64 x 64 backward.
+A tile is ``BLOCK_M`` samples by ``BLOCK_C * KP`` proxy columns: ``BLOCK_C`` whole classes, each
+with its ``K`` proxies padded to ``KP`` (the next power of two, masked), so the intra-class
+reduction over K happens inside one tile with a reshape to (BLOCK_M, BLOCK_C, KP). Padding costs
+``KP / K`` extra dot work (none for K in {1, 2, 4}; 60 % for K = 10). ``d`` is looped over in
+``BLOCK_D`` chunks with masking, so no size has to be a multiple of a tile. GPU tiles: 128 x 128
+forward, 64 x 64 backward.
 
 * Row-wise family (MPA-DW, MPA-AP, SoftTriple, ProxyNCA): grid (row tiles, splits of the class
   tiles). Each program runs an online log-sum-exp over its classes and writes one partial LSE per
@@ -389,7 +390,7 @@ def _backward_kernel(
 # Host side: specialisations (the one place that picks constexprs), launchers, autograd
 # ----------------------------------------------------------------------------------------------
 
-# A class's K proxies live in one tile (the paper uses K <= 16); the same bound as the triton backend.
+# A class's K proxies live in one tile (the paper uses K <= 16); the triton backend's bound too.
 MAX_PROXIES_PER_CLASS = 32
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _FORWARD_ARGS = (
@@ -430,7 +431,8 @@ def _tiles(kind: str, dtype: torch.dtype, interpret: bool) -> tuple[int, int, in
 def specialisation(kind: str, loss: str, proxies_per_class: int, dtype: torch.dtype,
                    allow_tf32: bool = False, interpret: bool | None = None) -> Specialisation:
     """The kernel variant of ``kind`` (see :data:`KINDS`) for these inputs: the launchers launch
-    it and :mod:`mpa_kernels.kernels.compile_check` compiles every one in :data:`SPECIALISATIONS`."""
+    it, and :mod:`mpa_kernels.kernels.compile_check` compiles each one of
+    :data:`SPECIALISATIONS`."""
     if proxies_per_class > MAX_PROXIES_PER_CLASS:
         raise ValueError(
             f"the triton-linear backend supports up to {MAX_PROXIES_PER_CLASS} proxies per "
@@ -687,7 +689,7 @@ def fused_linear_loss(x_hat: torch.Tensor, w_hat: torch.Tensor, labels: torch.Te
     elif w_hat.dtype != x_hat.dtype:
         w_hat = w_hat.to(x_hat.dtype)
     value, _, _, _ = _linear_loss_op(
-        x_hat.contiguous(), w_hat.contiguous(), labels.contiguous(), spec.loss, spec.num_classes,
-        spec.proxies_per_class, spec.similarity, spec.alpha, spec.delta, spec.gamma,
-        options.deterministic, options.filter_eps, options.allow_tf32)
+        x_hat.contiguous(), w_hat.contiguous(), labels.long().contiguous(), spec.loss,
+        spec.num_classes, spec.proxies_per_class, spec.similarity, spec.alpha, spec.delta,
+        spec.gamma, options.deterministic, options.filter_eps, options.allow_tf32)
     return value
