@@ -25,19 +25,18 @@ from mpa_kernels.backends import triton_linear
 from mpa_kernels.kernels import linear
 from mpa_kernels.kernels.similarity import Specialisation
 from tests.conftest import HAS_CUDA, requires_cuda
-# The same input makers as the "triton" backend's tests (one place for both backends).
-from tests.test_triton_similarity import _edge_labels, _inputs, _value_and_grads
+# The same losses, K values and input makers as the "triton" backend's tests (one place for both).
+from tests.test_triton_similarity import (
+    KS,
+    LOSSES,
+    SIMILARITIES,
+    _edge_labels,
+    _inputs,
+    _value_and_grads,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKEND = "triton-linear"
-LOSSES = {
-    "mpa": F.mpa_loss,
-    "mpa_dw": F.mpa_dw_loss,
-    "mpa_ap": F.mpa_ap_loss,
-    "soft_triple": F.soft_triple_loss,
-}
-SIMILARITIES = ("softmax", "max", "mean")
-KS = (1, 2, 3, 10)
 # (N, C, d): N = 1, N not a multiple of the 32-row tile, C not a power of two (nor a multiple of
 # the classes per tile), d not a multiple of the 32-wide d chunk, d below one chunk, d over two.
 SHAPES = ((1, 3, 40), (37, 7, 40), (33, 13, 16), (5, 11, 70))
