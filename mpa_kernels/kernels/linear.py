@@ -112,7 +112,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -120,6 +119,7 @@ import triton
 import triton.language as tl
 
 from mpa_kernels._spec import LossSpec
+from mpa_kernels.backends import triton_interpreting
 from mpa_kernels.kernels.common import (
     LOSS_CODES,
     LOSS_MPA,
@@ -411,10 +411,6 @@ _BACKWARD_ARGS = (
 KINDS = ("forward", "backward")
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _tiles(kind: str, dtype: torch.dtype, interpret: bool) -> tuple[int, int, int, int]:
     """(BLOCK_M, columns, BLOCK_D, warps). On a GPU: 128 x 128 forward, 64 x 64 backward (it
     also holds q, dS and ds), d chunks of 64 (32 for fp32, for sm_80's shared memory at the
@@ -440,7 +436,7 @@ def specialisation(kind: str, loss: str, proxies_per_class: int, dtype: torch.dt
         )
     if dtype not in _TRITON_DTYPES:
         raise TypeError(f"the triton-linear kernels take fp32, fp16 or bf16 inputs, got {dtype}")
-    interpret = interpreting() if interpret is None else interpret
+    interpret = triton_interpreting() if interpret is None else interpret
     kp = triton.next_power_of_2(proxies_per_class)
     block_m, columns, block_d, warps = _tiles(kind, dtype, interpret)
     code = LOSS_CODES[loss]
