@@ -19,9 +19,12 @@ _COLOURS = {
 
 
 def _label(r: dict) -> str:
-    if r["status"] == "skipped":
-        return "skipped:\nmemory"
-    return r["status"]
+    """What stands in for the bar of a provider that did not run."""
+    if r["status"] != "skipped":
+        return r["status"]
+    if "MemAvailable" in r.get("reason", ""):
+        return f"skipped: needs\n~{r['estimated_bytes'] / 2**30:.0f} GiB"
+    return f"skipped: est.\n{r['estimated_call_s']:.0f} s per call"
 
 
 def _panel(ax, rows: list[dict], value, ylabel: str, secondary=None) -> None:
@@ -46,6 +49,7 @@ def _panel(ax, rows: list[dict], value, ylabel: str, secondary=None) -> None:
         if ratio is not None and r["provider"] != "reference":
             ax.text(x, height(r), f"{ratio:.2g}x", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(list(xs), names, rotation=45, ha="right", fontsize=8)
+    ax.set_xlim(-0.6, len(rows) - 0.4)
     # Linear: bar lengths on a log axis start at an arbitrary floor and mislead about ratios.
     ax.set_ylim(0, top * 1.15)
     ax.set_ylabel(ylabel, fontsize=8)

@@ -26,6 +26,7 @@ from benchmarks.providers import (
     unavailable_reason,
 )
 from benchmarks.shapes import Shape
+from mpa_kernels.backends import BackendUnavailableError
 
 REPO = Path(__file__).resolve().parent.parent
 # A CPU run is skipped when its estimated need passes this share of MemAvailable: the estimate is
@@ -330,6 +331,9 @@ def _run_guarded(p: Provider, case: Case, opts: Options, record: dict,
             return
     try:
         _measure(p, case, opts, record)
+    except BackendUnavailableError as err:  # the backend refuses this loss (a kernel limit)
+        record["status"] = "unsupported"
+        record["reason"] = str(err)
     except Exception as err:  # noqa: BLE001 - a failing provider is a result, not a crash
         record["status"] = "oom" if measure.is_out_of_memory(err) else "error"
         record["reason"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"

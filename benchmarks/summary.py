@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 
+def _num(v: float) -> str:
+    return f"{v:.0f}" if v >= 100 else f"{v:.3g}"
+
+
 def _ms(r: dict, kind: str) -> str:
-    return f"{r[kind]['median_s'] * 1e3:.3g}"
+    return _num(r[kind]["median_s"] * 1e3)
 
 
 def _ratio(r: dict, key: str) -> str:
@@ -33,7 +37,7 @@ def markdown(doc: dict, losses=None, shapes=None) -> str:
                 continue
             out.append(
                 f"| {r['provider']} | {_ms(r, 'forward')} | {_ms(r, 'forward_backward')} | "
-                f"{r['peak_forward_backward_bytes'] / 2**20:.3g} | "
+                f"{_num(r['peak_forward_backward_bytes'] / 2**20)} | "
                 f"{_ratio(r, 'forward_backward_vs_reference')} | "
                 f"{_ratio(r, 'forward_backward_vs_floor')} | "
                 f"{_ratio(r, 'peak_forward_backward_vs_reference')} |")
