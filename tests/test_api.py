@@ -195,3 +195,30 @@ def test_auto_skips_a_backend_that_cannot_compute_the_spec(monkeypatch):
     assert backends.auto_backend(cpu, large) == "reference"
     with pytest.raises(BackendUnavailableError, match="at most 4 proxies"):
         backends.resolve("torch", cpu, large)
+
+
+def test_unit_rows_matches_f_normalize_and_its_gradient():
+    v = torch.randn(7, 5, dtype=F64)
+    v[3] = 0.0  # a clamped row: gradient is g / eps, as F.normalize's
+    v[4] *= 1e-13
+    g = torch.randn(7, 5, dtype=F64)
+    a = v.clone().requires_grad_(True)
+    b = v.clone().requires_grad_(True)
+    ua = MF.unit_rows(a)
+    ub = torch.nn.functional.normalize(b, dim=1)
+    torch.testing.assert_close(ua, ub, rtol=1e-15, atol=1e-15)
+    ua.backward(g)
+    ub.backward(g)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=0)
+    w = torch.randn(6, 4, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(MF.unit_rows, (w,))
+
+
+def test_functional_regularizer_equals_reference():
+    w = torch.randn(15, 6, dtype=F64, requires_grad=True)
+    ours = MF.proxy_regularizer(w, 3)
+    expected = reference.proxy_regularizer(w, 3)
+    assert ours.item() == pytest.approx(expected.item(), rel=1e-14)
+    g1, = torch.autograd.grad(ours, w)
+    g2, = torch.autograd.grad(expected, w)
+    torch.testing.assert_close(g1, g2, rtol=1e-12, atol=1e-14)

@@ -8,6 +8,10 @@ A backend is a module in this package that defines
   (``None`` when it can);
 * ``LOW_PRECISION``: ``True`` if it computes fp16/bf16 inputs itself (accumulating in fp32);
   otherwise the front end hands it fp32 copies;
+* optionally ``proxy_loss(x_hat, proxies, labels, spec, tau) -> Tensor``: the whole loss from
+  *raw* proxies (similarity term plus ``tau`` times the regulariser of eq. 3), for a backend that
+  fuses the proxies' normalisation and the regulariser into its own sweep; the front end then
+  calls it instead of ``similarity_loss``;
 * optionally ``unsupported_reason(spec) -> str | None``: why it cannot compute this loss (a kernel
   limit such as the number of proxies per class); ``"auto"`` then moves on to the next backend.
 
