@@ -2,6 +2,7 @@
 
     python -m pytest benchmarks -q                          # the quick-sop shape
     MPA_BENCH_SHAPES=cub,sop256 python -m pytest benchmarks -q --benchmark-sort=mean
+    MPA_BENCH_THREADS=1 python -m pytest benchmarks -q      # on a busy CPU (benchmarks/README.md)
     python -m pytest benchmarks -q -k "mpa_ap and fwd_bwd" --benchmark-compare
 
 The same providers and inputs as ``python -m benchmarks`` (which adds memory, ratios, results files
@@ -20,6 +21,8 @@ DEVICE = torch.device(os.environ.get("MPA_BENCH_DEVICE",
                                      "cuda" if torch.cuda.is_available() else "cpu"))
 SHAPE_NAMES = os.environ.get("MPA_BENCH_SHAPES", "quick-sop").split(",")
 PROVIDERS = {p.name: p for p in all_providers()}
+if "MPA_BENCH_THREADS" in os.environ:
+    torch.set_num_threads(int(os.environ["MPA_BENCH_THREADS"]))
 
 
 def _cases():
