@@ -21,9 +21,18 @@ gradients are written into the chunk's ``dL/dS`` at the positive entries, so tha
 chunk GEMMs like every other entry. Inside a chunk the positive entries are masked out of the
 negatives' log-sum-exp with ``-inf``, which also makes their share of ``exp(z - lse)`` exactly zero.
 
+Raw proxies (:func:`proxy_loss`): the proxies' normalisation and the regulariser of eq. 3 ride on
+the same sweep. Each chunk's rows are normalised into a chunk buffer (the GEMMs' operand), the
+regulariser's share of the chunk's classes is summed there, and the proxies' gradient is formed
+per chunk, ``dw_hat = ds.T @ x_hat`` plus the regulariser's, projected through the normalisation
+straight into the one gradient buffer of the raw proxies. No tensor of the proxies' size exists but
+the proxies and their gradient. :func:`similarity_loss` (proxies already unit, no regulariser) is
+the same sweep without the normalisation.
+
 Memory above the inputs and the gradients: two chunk buffers of ``chunk_elements`` elements (the
 default :data:`DEFAULT_CHUNK_ELEMENTS`; a chunk holds at least one class, so the bound is
-``max(chunk_elements, N*K)``), a few ``N x chunk`` similarity-level tensors and ``O(N + C)`` vectors.
+``max(chunk_elements, N*K)``), a few ``N x chunk`` similarity-level tensors, ``O(N + C)`` vectors
+and the chunk's normalised proxies (``chunk_elements / N * d`` elements).
 """
 
 from __future__ import annotations
@@ -36,6 +45,8 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from mpa_kernels._spec import LossSpec
+# The front end's constants, so that the fused normalisation and regulariser are the unfused ones.
+from mpa_kernels.functional import _NORM_EPS, _REGULARIZER_EPS
 
 LOW_PRECISION = False
 
@@ -59,42 +70,66 @@ def similarity_loss(
     *,
     chunk_elements: int | None = None,
 ) -> torch.Tensor:
+    """The similarity term from unit proxies ``w_hat`` (C*K, d)."""
+    return _loss(x_hat, w_hat, labels, spec, 0.0, False, chunk_elements)
+
+
+def proxy_loss(
+    x_hat: torch.Tensor,
+    proxies: torch.Tensor,
+    labels: torch.Tensor,
+    spec: LossSpec,
+    tau: float,
+    *,
+    chunk_elements: int | None = None,
+) -> torch.Tensor:
+    """The whole loss from raw proxies (C*K, d): similarity term plus ``tau`` times eq. 3."""
+    return _loss(x_hat, proxies, labels, spec, tau, True, chunk_elements)
+
+
+def _loss(x_hat, w, labels, spec, tau, normalise, chunk_elements):
     if chunk_elements is None:
         chunk_elements = DEFAULT_CHUNK_ELEMENTS
     if isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int) or chunk_elements < 1:
         raise ValueError(f"chunk_elements must be a positive int, got {chunk_elements!r}")
-    k = spec.proxies_per_class
-    similarity = spec.similarity
-    if similarity == "mean" and k > 1:
-        # mean_k (x . w_ck) = x . mean_k(w_ck): the mean mode is the one-proxy problem on averaged
-        # proxies, K times cheaper; autograd spreads the proxies' gradient back (1/K to each).
-        w_hat = w_hat.view(spec.num_classes, k, -1).mean(1)
-        k = 1
-    problem = _Problem.of(spec, k, similarity if k > 1 else "identity")
+    problem = _Problem.of(spec, tau, normalise)
     want = torch.is_grad_enabled()
-    return _ChunkedSimilarityLoss.apply(
-        x_hat, w_hat, labels, problem, chunk_elements,
-        want and x_hat.requires_grad, want and w_hat.requires_grad,
+    return _ChunkedProxyLoss.apply(
+        x_hat, w, labels, problem, chunk_elements,
+        want and x_hat.requires_grad, want and w.requires_grad,
     )
 
 
 @dataclass(frozen=True)
 class _Problem:
-    """The loss as the sweep needs it: its family, the constants of its logits, the reduction."""
+    """The loss as the sweep needs it: its family, the constants of its logits, the reduction, and
+    what is done to the proxies on their way to the GEMMs."""
 
     loss: str
     column_wise: bool
     num_classes: int
-    k: int
+    proxies_per_class: int  # rows of the proxies per class
+    k: int  # rows per class that the GEMMs see: 1 in the mean mode, else proxies_per_class
     similarity: str  # "softmax", "max", or "identity" (K == 1, or the mean mode reduced to it)
     alpha: float
     delta: float
     gamma: float
+    tau: float  # weight of eq. 3; 0 where there is none to add (K == 1 included)
+    normalise: bool  # the proxies are raw rows, to be scaled to unit norm
 
     @classmethod
-    def of(cls, spec: LossSpec, k: int, similarity: str) -> "_Problem":
-        return cls(spec.loss, spec.column_wise, spec.num_classes, k, similarity, spec.alpha,
-                   spec.delta, spec.gamma)
+    def of(cls, spec: LossSpec, tau: float, normalise: bool) -> "_Problem":
+        k = spec.proxies_per_class
+        # mean_k (x . w_ck) = x . mean_k(w_ck): the mean mode is the one-proxy problem on the
+        # classes' averaged unit proxies, K times cheaper.
+        k_gemm = 1 if spec.similarity == "mean" else k
+        similarity = spec.similarity if k_gemm > 1 else "identity"
+        return cls(spec.loss, spec.column_wise, spec.num_classes, k, k_gemm, similarity,
+                   spec.alpha, spec.delta, spec.gamma, float(tau) if k > 1 else 0.0, normalise)
+
+    @property
+    def averaged(self) -> bool:
+        return self.k != self.proxies_per_class
 
     @property
     def negative_delta(self) -> float:
@@ -186,6 +221,48 @@ def _reduction(problem: _Problem, dtype: torch.dtype):
     return _Max() if problem.similarity == "max" else _Identity()
 
 
+# --- the proxies of a chunk: normalisation, averaging, regulariser ------------------------------
+#
+# Unit rows u = v / max(||v||, eps). Gradient (as F.normalize's): du -> dv = (du - u (u . du)) / ||v||,
+# and du / eps for a row whose norm was clamped (there u = v / eps is linear in v).
+#
+# Regulariser (eq. 3): R = a sum_c sum_{t<s} sqrt(2 - 2 min(u_ct . u_cs, 1) + eps), a = 1/(C K (K-1)).
+# d sqrt(2 - 2 m + eps) / d m = -1 / sqrt(2 - 2 m + eps), and the clamp passes the gradient where
+# m <= 1 (torch's clamp includes its bound). A pair {t, s} is summed once but its term depends on
+# both u_ct (through u_cs) and u_cs (through u_ct), so with the symmetric K x K matrix
+#   G_ts = G_st = -a / sqrt(2 - 2 m_ts + eps)  (t != s, m_ts <= 1),  0 elsewhere (diagonal too),
+# dR/dU_c = G U_c: one batched (K x K) @ (K x d) product per class, no factor 2.
+#
+# Mean mode: the GEMMs see wbar_c = mean_k u_ck, so du_ck = dwbar_c / K for every k.
+
+
+def _unit_rows(w_chunk: torch.Tensor, out: torch.Tensor):
+    """w_chunk's rows scaled to unit norm, into out; with the 1/||v|| and the unclamped mask."""
+    norm = torch.linalg.vector_norm(w_chunk, dim=1, keepdim=True)
+    unclamped = norm > _NORM_EPS
+    inv = norm.clamp_min_(_NORM_EPS).reciprocal_()
+    return torch.mul(w_chunk, inv, out=out), inv, unclamped
+
+
+def _regularizer(u: torch.Tensor, problem: _Problem, grad_scale: float | None):
+    """Eq. 3's sum over the chunk's classes (a included) from their unit proxies u (m*K, d), and
+    with grad_scale the matrix grad_scale * G (m, K, K) of the derivation above."""
+    k = problem.proxies_per_class
+    u3 = u.view(-1, k, u.shape[1])
+    sims = torch.bmm(u3, u3.transpose(1, 2))
+    dist = sims.clamp(max=1.0).mul_(-2.0).add_(2.0 + _REGULARIZER_EPS).sqrt_()
+    a = 1.0 / (problem.num_classes * k * (k - 1))
+    upper = torch.ones(k, k, dtype=torch.bool, device=u.device).triu_(1)
+    value = dist[:, upper].sum() * a
+    if grad_scale is None:
+        return value, None
+    off_diagonal = ~torch.eye(k, dtype=torch.bool, device=u.device)
+    # A select, not a product with the mask: in fp32 the eps vanishes next to 2 and the
+    # diagonal's distance is 0, its reciprocal inf.
+    g = torch.where((sims <= 1.0) & off_diagonal, dist.reciprocal_(), 0.0).mul_(-a * grad_scale)
+    return value, g
+
+
 # --- the sweep over class chunks ----------------------------------------------------------------
 
 
@@ -193,7 +270,10 @@ def _reduction(problem: _Problem, dtype: torch.dtype):
 class _Chunk:
     start: int  # first class
     stop: int
-    w: torch.Tensor  # its proxies, (m*K, d)
+    u: torch.Tensor  # its unit proxies, (m*K, d)
+    inv: torch.Tensor | None  # 1/||v|| of its raw proxies, (m*K, 1), when they were normalised
+    unclamped: torch.Tensor | None  # ||v|| > eps, (m*K, 1)
+    w: torch.Tensor  # the rows the GEMM saw, (m*k, d): u, or its class means in the mean mode
     rows: torch.Tensor  # samples whose positive class is in the chunk
     cols: torch.Tensor  # and that class, relative to start
     s: torch.Tensor  # S, (N, m)
@@ -202,25 +282,35 @@ class _Chunk:
 
 def _sweep(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, problem: _Problem,
            reduction, chunk_elements: int):
-    """Yield the chunks of classes with their S; one GEMM each, in two reused buffers."""
+    """Yield the chunks of classes with their S; one GEMM each, in reused buffers."""
     n, k, c = x.shape[0], problem.k, problem.num_classes
+    kp, d = problem.proxies_per_class, w.shape[1]
     per_chunk = min(c, max(1, chunk_elements // (n * k)))
     xs = x * reduction.x_scale if reduction.x_scale != 1.0 else x
     t_buf = x.new_empty(n * per_chunk * k)
     e_buf = torch.empty_like(t_buf) if isinstance(reduction, _Softmax) else None
+    u_buf = w.new_empty(per_chunk * kp * d) if problem.normalise else None
+    mean_buf = w.new_empty(per_chunk * d) if problem.averaged else None
     # Samples sorted by label: those whose positive lies in a chunk are one slice of the order.
     sorted_labels, order = torch.sort(labels, stable=True)
     starts = list(range(0, c, per_chunk))
     cuts = torch.searchsorted(sorted_labels, torch.tensor(starts + [c])).tolist()
     for j, start in enumerate(starts):
         stop = min(c, start + per_chunk)
-        size = n * (stop - start) * k
-        w_chunk = w[start * k:stop * k]
+        m = stop - start
+        u, inv, unclamped = w[start * kp:stop * kp], None, None
+        if problem.normalise:
+            u, inv, unclamped = _unit_rows(u, u_buf[:m * kp * d].view(m * kp, d))
+        w_chunk = u
+        if problem.averaged:
+            w_chunk = torch.mean(u.view(m, kp, d), 1, out=mean_buf[:m * d].view(m, d))
+        size = n * m * k
         t = torch.mm(xs, w_chunk.T, out=t_buf[:size].view(n, -1)).view(n, -1, k)
         e = e_buf[:size].view(t.shape) if e_buf is not None else None
         s, state = reduction.forward(t, e)
         lo, hi = cuts[j], cuts[j + 1]
-        yield _Chunk(start, stop, w_chunk, order[lo:hi], sorted_labels[lo:hi] - start, s, state)
+        yield _Chunk(start, stop, u, inv, unclamped, w_chunk, order[lo:hi],
+                     sorted_labels[lo:hi] - start, s, state)
 
 
 def _negative_logits(chunk: _Chunk, problem: _Problem) -> torch.Tensor:
@@ -230,19 +320,42 @@ def _negative_logits(chunk: _Chunk, problem: _Problem) -> torch.Tensor:
 
 
 def _write_chunk_grads(chunk: _Chunk, g: torch.Tensor, reduction, x: torch.Tensor,
-                       dx: torch.Tensor | None, dw: torch.Tensor | None, k: int) -> None:
-    """G = dL/dS of the chunk -> ds -> dw[chunk] = ds.T x and dx += ds w[chunk]."""
+                       dx: torch.Tensor | None, dw: torch.Tensor | None, problem: _Problem,
+                       scale: float) -> None:
+    """G = dL/dS of the chunk -> ds -> dx += ds w[chunk] and the raw proxies' dw[chunk]: ds.T x,
+    spread over the K proxies in the mean mode, plus scale * tau * dR/du, through the
+    normalisation. ds already holds scale; the regulariser's term is scaled here."""
     ds = reduction.backward(g, chunk.state).reshape(x.shape[0], -1)
-    if dw is not None:
-        torch.mm(ds.T, x, out=dw[chunk.start * k:chunk.stop * k])
     if dx is not None:
         dx.addmm_(ds, chunk.w)
+    if dw is None:
+        return
+    kp = problem.proxies_per_class
+    du = dw[chunk.start * kp:chunk.stop * kp]
+    if problem.averaged:
+        dwbar = torch.mm(ds.T, x).div_(kp)
+        du.view(-1, kp, x.shape[1]).copy_(dwbar.unsqueeze(1))
+    else:
+        torch.mm(ds.T, x, out=du)
+    if problem.tau:
+        _, g_reg = _regularizer(chunk.u, problem, scale * problem.tau)
+        du3 = du.view(-1, kp, x.shape[1])
+        du3.baddbmm_(g_reg, chunk.u.view(du3.shape))
+    if problem.normalise:
+        dot = torch.linalg.vecdot(chunk.u, du, dim=1).unsqueeze(1).mul_(chunk.unclamped)
+        du.addcmul_(chunk.u, dot, value=-1.0).mul_(chunk.inv)
 
 
 def _positive_similarity(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor,
                          problem: _Problem, reduction) -> torch.Tensor:
     """S_{i, y_i} for every sample, (N,): a gather of its class's K proxies, N*K*d work."""
-    w_pos = w.view(problem.num_classes, problem.k, -1)[labels]  # (N, K, d)
+    kp, d = problem.proxies_per_class, w.shape[1]
+    w_pos = w.view(problem.num_classes, kp, d)[labels].view(-1, d)  # (N*K, d)
+    if problem.normalise:
+        w_pos, _, _ = _unit_rows(w_pos, torch.empty_like(w_pos))
+    w_pos = w_pos.view(-1, kp, d)
+    if problem.averaged:
+        w_pos = w_pos.mean(1, keepdim=True)
     t = torch.bmm(w_pos, (x * reduction.x_scale).unsqueeze(-1)).view(x.shape[0], 1, problem.k)
     s, _ = reduction.forward(t, torch.empty_like(t))
     return s.view(-1)
@@ -268,8 +381,11 @@ def _column_wise_forward(x, w, labels, problem, reduction, chunk_elements, dx, d
     num_present = int(torch.count_nonzero(torch.bincount(labels, minlength=c)))
     g_pos = (q - p[labels]).exp_().mul_(-alpha / num_present)
     negative = q.new_empty(c)
+    regularizer = []
     want_grads = dx is not None or dw is not None
     for chunk in _sweep(x, w, labels, problem, reduction, chunk_elements):
+        if problem.tau:
+            regularizer.append(_regularizer(chunk.u, problem, None)[0])
         z = _negative_logits(chunk, problem)
         zmax = z.amax(0).clamp_min_(0.0)  # the zero logit takes part in the max
         ez = z.sub_(zmax).exp_()
@@ -279,8 +395,12 @@ def _column_wise_forward(x, w, labels, problem, reduction, chunk_elements, dx, d
             # e^(z - N_c) = ez e^(zmax - N_c); the positive entries of ez are 0, g_pos goes there.
             g = ez.mul_(zmax.sub_(n_c).exp_().mul_(alpha / c))
             g.index_put_((chunk.rows, chunk.cols), g_pos[chunk.rows])
-            _write_chunk_grads(chunk, g, reduction, x, dx, dw, problem.k)
-    return p.sum() / num_present + negative.sum() / c
+            _write_chunk_grads(chunk, g, reduction, x, dx, dw, problem, 1.0)
+    return p.sum() / num_present + negative.sum() / c + _weighted_sum(regularizer, problem.tau)
+
+
+def _weighted_sum(terms: list[torch.Tensor], weight: float):
+    return weight * torch.stack(terms).sum() if terms else 0.0
 
 
 # Row-wise (MPA-DW eq. 12, MPA-AP eq. 16, SoftTriple eq. 2, ProxyNCA as SoftTriple):
@@ -320,7 +440,10 @@ def _row_wise_forward(x, w, labels, problem, reduction, chunk_elements):
     base = [q.new_zeros(q.shape)] * with_zero + [q] * with_q
     run_max = torch.stack(base).amax(0)
     run_sum = sum((b - run_max).exp_() for b in base)
+    regularizer = []
     for chunk in _sweep(x, w, labels, problem, reduction, chunk_elements):
+        if problem.tau:
+            regularizer.append(_regularizer(chunk.u, problem, None)[0])
         z = _negative_logits(chunk, problem)
         new_max = torch.maximum(run_max, z.amax(1))
         run_sum = run_sum.mul_(run_max.sub_(new_max).exp_()).add_(
@@ -328,7 +451,7 @@ def _row_wise_forward(x, w, labels, problem, reduction, chunk_elements):
         run_max = new_max
     lse = run_sum.log_().add_(run_max)
     extra, _ = _row_extra(problem.loss, q)
-    return (lse + extra).mean(), q, lse
+    return (lse + extra).mean() + _weighted_sum(regularizer, problem.tau), q, lse
 
 
 def _row_wise_backward(x, w, labels, problem, reduction, chunk_elements, q, lse, scale, dx, dw):
@@ -340,11 +463,12 @@ def _row_wise_backward(x, w, labels, problem, reduction, chunk_elements, q, lse,
     for chunk in _sweep(x, w, labels, problem, reduction, chunk_elements):
         g = _negative_logits(chunk, problem).sub_(lse.unsqueeze(1)).exp_().mul_(coef)
         g.index_put_((chunk.rows, chunk.cols), g_pos[chunk.rows])
-        _write_chunk_grads(chunk, g, reduction, x, dx, dw, problem.k)
+        _write_chunk_grads(chunk, g, reduction, x, dx, dw, problem, scale)
 
 
-class _ChunkedSimilarityLoss(torch.autograd.Function):
-    """The scalar similarity loss from x_hat (N, d) and w_hat (C*K, d), with analytic gradients."""
+class _ChunkedProxyLoss(torch.autograd.Function):
+    """The scalar loss from x_hat (N, d) and the proxies (C*K, d), raw or unit as the problem
+    says, with analytic gradients."""
 
     @staticmethod
     def forward(ctx, x, w, labels, problem, chunk_elements, want_dx, want_dw):
