@@ -105,8 +105,8 @@ def _proxy_loss(
     )
     spec = LossSpec(loss, num_classes, proxies_per_class, float(alpha), float(delta),
                     float(gamma), similarity)
-    impl = resolve(backend, embeddings.device, spec)
     dtype = torch.promote_types(embeddings.dtype, proxies.dtype)
+    impl = resolve(backend, embeddings.device, spec, embeddings.shape[0], dtype.itemsize)
     if dtype in _HALF and not impl.LOW_PRECISION:
         dtype = torch.float32
     with torch.autocast(device_type=embeddings.device.type, enabled=False):

@@ -222,3 +222,21 @@ def test_functional_regularizer_equals_reference():
     g1, = torch.autograd.grad(ours, w)
     g2, = torch.autograd.grad(expected, w)
     torch.testing.assert_close(g1, g2, rtol=1e-12, atol=1e-14)
+
+
+def test_auto_on_cuda_prefers_fused_linear_for_large_similarity_tensors(monkeypatch):
+    import types
+
+    from mpa_kernels import backends
+    from mpa_kernels._spec import LossSpec
+
+    ready = types.SimpleNamespace(LOW_PRECISION=True, unavailable_reason=lambda device: None)
+    for name in ("triton", "triton-linear"):
+        monkeypatch.setitem(backends.sys.modules, backends._MODULES[name], ready)
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+    sop = LossSpec("mpa_ap", 11318, 2, 32.0, 0.1)
+    large = LossSpec("mpa_ap", 100000, 4, 32.0, 0.1)
+    assert backends.auto_backend(cuda, sop, batch_size=256, element_size=2) == "triton"
+    # 2 * 1024 * 400000 * 2 bytes = 1.6 GiB of s and ds: never stored by the fused-linear kernels.
+    assert backends.auto_backend(cuda, large, batch_size=1024, element_size=2) == "triton-linear"
+    assert backends.auto_backend(cuda, large) == "triton"  # no shape given: no size rule

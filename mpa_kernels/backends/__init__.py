@@ -76,16 +76,37 @@ def _refusal(module: ModuleType, device: torch.device, spec: LossSpec | None) ->
     return reason
 
 
-def auto_backend(device: torch.device, spec: LossSpec | None = None) -> str:
+# The similarity tensor s = x_hat @ w_hat.T and its gradient ds take 2 * N * C * K * b bytes in the
+# "triton" backend. From this size on, "auto" prefers "triton-linear", which never stores them.
+# Written from the memory argument alone (at 1 GiB the pair is 4 GiB of traffic per step and a large
+# share of a training step's memory); no GPU timing has placed the crossover yet. See the README.
+LINEAR_MIN_SIMILARITY_BYTES = 1 << 30
+
+
+def auto_backend(
+    device: torch.device,
+    spec: LossSpec | None = None,
+    batch_size: int | None = None,
+    element_size: int = 4,
+) -> str:
     """The rule behind ``backend="auto"``: the fastest backend that can run on ``device``.
 
-    CUDA tensors go to the Triton kernels, CPU tensors to the chunked PyTorch backend. The Triton
-    interpreter (``TRITON_INTERPRET=1``) is for testing and is only used when ``"triton"`` or
+    CUDA tensors go to the Triton kernels: ``"triton-linear"`` when ``s`` and ``ds`` would take at
+    least :data:`LINEAR_MIN_SIMILARITY_BYTES` (``2 * batch_size * C * K * element_size``), else
+    ``"triton"``. CPU tensors go to the chunked PyTorch backend. The Triton interpreter
+    (``TRITON_INTERPRET=1``) is for testing and is only used when ``"triton"`` or
     ``"triton-linear"`` is asked for by name. A backend this version does not ship, or one that
     cannot compute ``spec`` (say, more proxies per class than its kernels hold), is skipped, down
     to the reference, which runs everywhere.
     """
-    preference = ("triton", "torch", "reference") if device.type == "cuda" else ("torch", "reference")
+    if device.type == "cuda":
+        preference = ("triton", "torch", "reference")
+        if spec is not None and batch_size is not None:
+            s_bytes = spec.num_classes * spec.proxies_per_class * batch_size * element_size
+            if 2 * s_bytes >= LINEAR_MIN_SIMILARITY_BYTES:
+                preference = ("triton-linear",) + preference
+    else:
+        preference = ("torch", "reference")
     for name in preference:
         module = _load(name)
         if module is not None and _refusal(module, device, spec) is None:
@@ -93,11 +114,17 @@ def auto_backend(device: torch.device, spec: LossSpec | None = None) -> str:
     return "reference"
 
 
-def resolve(name: str, device: torch.device, spec: LossSpec | None = None) -> ModuleType:
+def resolve(
+    name: str,
+    device: torch.device,
+    spec: LossSpec | None = None,
+    batch_size: int | None = None,
+    element_size: int = 4,
+) -> ModuleType:
     """The module implementing backend ``name`` on ``device``; a clear error if there is none."""
     check_backend_name(name)
     if name == "auto":
-        name = auto_backend(device, spec)
+        name = auto_backend(device, spec, batch_size, element_size)
     module = _load(name)
     if module is None:
         available = [n for n in _MODULES if _load(n) is not None]

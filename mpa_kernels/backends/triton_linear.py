@@ -27,13 +27,19 @@ import torch
 
 from mpa_kernels._spec import LossSpec
 # Same requirements as the "triton" backend: Triton, and CUDA or the interpreter.
-from mpa_kernels.backends.triton_s import unavailable_reason  # noqa: F401
+from mpa_kernels.backends.triton_s import proxies_limit_reason, unavailable_reason  # noqa: F401
 
 LOW_PRECISION = True
 
 DETERMINISTIC: bool | None = None
 FILTER_EPS: float = 0.0
 ALLOW_TF32: bool | None = None
+
+
+def unsupported_reason(spec: LossSpec) -> str | None:
+    from mpa_kernels.kernels.linear import MAX_PROXIES_PER_CLASS
+
+    return proxies_limit_reason(spec, MAX_PROXIES_PER_CLASS)
 
 
 def similarity_loss(

@@ -36,13 +36,18 @@ def unavailable_reason(device: torch.device) -> str | None:
     return f"Triton kernels run on CUDA devices, not {device.type}"
 
 
+def proxies_limit_reason(spec: LossSpec, limit: int) -> str | None:
+    """Why kernels that hold at most ``limit`` proxies of a class in one tile refuse ``spec``."""
+    if spec.proxies_per_class > limit:
+        return (f"its kernels hold up to {limit} proxies per class, got "
+                f"{spec.proxies_per_class}; use backend='torch'")
+    return None
+
+
 def unsupported_reason(spec: LossSpec) -> str | None:
     from mpa_kernels.kernels.similarity import MAX_PROXIES_PER_CLASS
 
-    if spec.proxies_per_class > MAX_PROXIES_PER_CLASS:
-        return (f"its kernels hold up to {MAX_PROXIES_PER_CLASS} proxies per class, got "
-                f"{spec.proxies_per_class}; use backend='torch'")
-    return None
+    return proxies_limit_reason(spec, MAX_PROXIES_PER_CLASS)
 
 
 def similarity_loss(
