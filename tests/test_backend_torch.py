@@ -2,7 +2,9 @@
 
 Every loss, every similarity mode, the odd-shape grid of GUIDE.md, and chunk budgets small enough
 that the class sweep runs in many chunks (one class per chunk, and two with a ragged last one); the
-tests that run with the default budget cover the single-chunk case.
+tests that run with the default budget cover the single-chunk case. Through the API the backend gets
+raw proxies (``proxy_loss``: normalisation and regulariser fused into its sweep), so the proxies
+are given norms far from one; ``similarity_loss`` (unit proxies) is checked on its own.
 """
 
 import pytest
@@ -47,8 +49,10 @@ def _labels(n, c, kind, gen):
 def _inputs(n, c, k, kind, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, D, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
-    w = torch.randn(c * k, D, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
-    return x, _labels(n, c, kind, gen), w
+    w = torch.randn(c * k, D, generator=gen, dtype=torch.float64)
+    # Row norms spread over 0.1 .. 10 (log-uniform), so that the normalisation matters.
+    w = w * torch.exp(torch.empty(c * k, 1, dtype=torch.float64).uniform_(-2.3, 2.3, generator=gen))
+    return x, _labels(n, c, kind, gen), w.to(dtype).requires_grad_()
 
 
 def _value_and_grads(fn, x, y, w, backend, **kwargs):
@@ -67,17 +71,18 @@ def _chunk_classes(monkeypatch, classes, n, k):
     monkeypatch.setattr(torch_chunked, "DEFAULT_CHUNK_ELEMENTS", classes * n * k)
 
 
+@pytest.mark.parametrize("tau", [0.0, 0.2])
 @pytest.mark.parametrize("classes_per_chunk", CLASSES_PER_CHUNK)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("similarity", ["softmax", "max", "mean"])
 @pytest.mark.parametrize("loss", list(MULTI_PROXY))
-def test_multi_proxy_matches_reference(loss, similarity, shape, dtype, classes_per_chunk,
+def test_multi_proxy_matches_reference(loss, similarity, shape, dtype, classes_per_chunk, tau,
                                        monkeypatch):
     n, c, k, kind = SHAPES[shape]
     _chunk_classes(monkeypatch, classes_per_chunk, n, 1 if similarity == "mean" else k)
     x, y, w = _inputs(n, c, k, kind, dtype)
-    kwargs = dict(proxies_per_class=k, similarity=similarity)
+    kwargs = dict(proxies_per_class=k, similarity=similarity, tau=tau)
     got = _value_and_grads(MULTI_PROXY[loss], x, y, w, "torch", **kwargs)
     want = _value_and_grads(MULTI_PROXY[loss], x, y, w, "reference", **kwargs)
     _assert_matches(got, want, TOLERANCE[dtype])
@@ -107,6 +112,48 @@ def test_small_gamma_needs_the_max_shift(loss, dtype, monkeypatch):
     got = _value_and_grads(MULTI_PROXY[loss], x, y, w, "torch", **kwargs)
     want = _value_and_grads(MULTI_PROXY[loss], x, y, w, "reference", **kwargs)
     _assert_matches(got, want, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("similarity", ["softmax", "max", "mean"])
+@pytest.mark.parametrize("loss", ["mpa", "mpa_dw", "mpa_ap", "soft_triple"])
+def test_zero_proxy_row(loss, similarity, monkeypatch):
+    """A proxy of norm 0 is clamped as F.normalize does (its unit row is 0, its gradient g / eps);
+    the regulariser's pairs with it sit at distance sqrt(2). The gradients are compared with the
+    front end's unfused path on this backend (unit_rows, similarity_loss, the regulariser), since
+    the reference backend normalises its unit input once more and so divides a zero row's gradient
+    by eps twice; the value is the reference's."""
+    monkeypatch.setattr(torch_chunked, "DEFAULT_CHUNK_ELEMENTS", 2 * 13 * 3)
+    x, y, w = _inputs(13, 7, 3, "random", torch.float64)
+    w = w.detach().index_fill_(0, torch.tensor([int(y[0]) * 3 + 1]), 0.0).requires_grad_()
+    tau = 0.2
+    got = _value_and_grads(MULTI_PROXY[loss], x, y, w, "torch", proxies_per_class=3,
+                           similarity=similarity, tau=tau)
+    reference = MULTI_PROXY[loss](x, y, w, proxies_per_class=3, similarity=similarity, tau=tau,
+                                  backend="reference")
+    spec = LossSpec(loss, 7, 3, 20.0 if loss == "soft_triple" else 32.0,
+                    0.01 if loss == "soft_triple" else 0.1, 0.1, similarity)
+    w_hat = MF.unit_rows(w)
+    unfused = (torch_chunked.similarity_loss(MF.unit_rows(x), w_hat, y, spec)
+               + tau * MF.unit_proxy_regularizer(w_hat, 3))
+    want = (reference.detach(), *torch.autograd.grad(unfused, [x, w]))
+    assert got[2].abs().max() > 1e9  # the zero row's gradient is there, scaled by 1 / eps
+    _assert_matches(got, want, 1e-10)
+
+
+@pytest.mark.parametrize("similarity", ["softmax", "max", "mean"])
+@pytest.mark.parametrize("loss", ["mpa", "mpa_dw", "mpa_ap", "soft_triple", "proxy_nca"])
+def test_gradcheck_proxy_loss(loss, similarity):
+    """float64 gradcheck of the whole fused loss (regulariser included) in x_hat and the raw
+    proxies, one class per chunk."""
+    n, c, k = (5, 4, 1) if loss == "proxy_nca" else (5, 4, 3)
+    x, y, w = _inputs(n, c, k, "random", torch.float64, seed=2)
+    x_hat = F.normalize(x.detach(), dim=1).requires_grad_()
+    spec = LossSpec(loss, c, k, 20.0 if loss == "proxy_nca" else 8.0, 0.1, 0.2, similarity)
+
+    def f(xh, wr):
+        return torch_chunked.proxy_loss(xh, wr, y, spec, 0.3, chunk_elements=1)
+
+    assert torch.autograd.gradcheck(f, (x_hat, w.detach().requires_grad_()), fast_mode=True)
 
 
 @pytest.mark.parametrize("similarity", ["softmax", "max", "mean"])
@@ -210,3 +257,28 @@ def test_memory_does_not_grow_with_n_c_k(loss, monkeypatch):
 
     assert _peak_bytes(run("reference")) > 2 * s_bytes
     assert _peak_bytes(run("torch")) < s_bytes / 2
+
+
+@pytest.mark.parametrize("loss", ["mpa", "mpa_dw"])
+def test_memory_has_no_proxy_sized_temporary(loss, monkeypatch):
+    """Through the API (raw proxies, regulariser on), forward and backward hold, beyond the
+    gradients they return, well under one proxy-sized (C*K*d) plus one N x C*K tensor: the proxies'
+    normalisation, the regulariser and their gradients are done chunk by chunk."""
+    monkeypatch.setattr(torch_chunked, "DEFAULT_CHUNK_ELEMENTS", 32768)
+    n, c, k, d = 64, 2048, 4, 64
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=gen, requires_grad=True)
+    w = torch.randn(c * k, d, generator=gen, requires_grad=True)
+    y = torch.randint(0, c, (n,), generator=gen)
+    grads_bytes = (n + c * k) * d * 4
+    budget = (c * k * d + n * c * k) * 4
+
+    def extra_peak(backend):
+        x.grad = w.grad = None  # freed before, not during, the measured call
+        # validate=False: the front end's input checks make temporaries of their own.
+        peak = _peak_bytes(lambda: MULTI_PROXY[loss](x, y, w, proxies_per_class=k, tau=0.2,
+                                                     backend=backend, validate=False).backward())
+        return peak - grads_bytes
+
+    assert extra_peak("reference") > budget
+    assert extra_peak("torch") < budget / 4
