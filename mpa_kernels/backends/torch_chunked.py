@@ -321,10 +321,10 @@ def _negative_logits(chunk: _Chunk, problem: _Problem) -> torch.Tensor:
 
 def _write_chunk_grads(chunk: _Chunk, g: torch.Tensor, reduction, x: torch.Tensor,
                        dx: torch.Tensor | None, dw: torch.Tensor | None, problem: _Problem,
-                       scale: float) -> None:
+                       g_reg: torch.Tensor | None) -> None:
     """G = dL/dS of the chunk -> ds -> dx += ds w[chunk] and the raw proxies' dw[chunk]: ds.T x,
-    spread over the K proxies in the mean mode, plus scale * tau * dR/du, through the
-    normalisation. ds already holds scale; the regulariser's term is scaled here."""
+    spread over the K proxies in the mean mode, plus g_reg @ u (the regulariser's, g_reg from
+    :func:`_regularizer` with tau and grad_output in its scale), through the normalisation."""
     ds = reduction.backward(g, chunk.state).reshape(x.shape[0], -1)
     if dx is not None:
         dx.addmm_(ds, chunk.w)
@@ -337,8 +337,7 @@ def _write_chunk_grads(chunk: _Chunk, g: torch.Tensor, reduction, x: torch.Tenso
         du.view(-1, kp, x.shape[1]).copy_(dwbar.unsqueeze(1))
     else:
         torch.mm(ds.T, x, out=du)
-    if problem.tau:
-        _, g_reg = _regularizer(chunk.u, problem, scale * problem.tau)
+    if g_reg is not None:
         du3 = du.view(-1, kp, x.shape[1])
         du3.baddbmm_(g_reg, chunk.u.view(du3.shape))
     if problem.normalise:
@@ -384,8 +383,10 @@ def _column_wise_forward(x, w, labels, problem, reduction, chunk_elements, dx, d
     regularizer = []
     want_grads = dx is not None or dw is not None
     for chunk in _sweep(x, w, labels, problem, reduction, chunk_elements):
+        g_reg = None
         if problem.tau:
-            regularizer.append(_regularizer(chunk.u, problem, None)[0])
+            value, g_reg = _regularizer(chunk.u, problem, problem.tau if dw is not None else None)
+            regularizer.append(value)
         z = _negative_logits(chunk, problem)
         zmax = z.amax(0).clamp_min_(0.0)  # the zero logit takes part in the max
         ez = z.sub_(zmax).exp_()
@@ -395,7 +396,7 @@ def _column_wise_forward(x, w, labels, problem, reduction, chunk_elements, dx, d
             # e^(z - N_c) = ez e^(zmax - N_c); the positive entries of ez are 0, g_pos goes there.
             g = ez.mul_(zmax.sub_(n_c).exp_().mul_(alpha / c))
             g.index_put_((chunk.rows, chunk.cols), g_pos[chunk.rows])
-            _write_chunk_grads(chunk, g, reduction, x, dx, dw, problem, 1.0)
+            _write_chunk_grads(chunk, g, reduction, x, dx, dw, problem, g_reg)
     return p.sum() / num_present + negative.sum() / c + _weighted_sum(regularizer, problem.tau)
 
 
@@ -463,7 +464,10 @@ def _row_wise_backward(x, w, labels, problem, reduction, chunk_elements, q, lse,
     for chunk in _sweep(x, w, labels, problem, reduction, chunk_elements):
         g = _negative_logits(chunk, problem).sub_(lse.unsqueeze(1)).exp_().mul_(coef)
         g.index_put_((chunk.rows, chunk.cols), g_pos[chunk.rows])
-        _write_chunk_grads(chunk, g, reduction, x, dx, dw, problem, scale)
+        g_reg = None
+        if problem.tau and dw is not None:
+            _, g_reg = _regularizer(chunk.u, problem, problem.tau * scale)
+        _write_chunk_grads(chunk, g, reduction, x, dx, dw, problem, g_reg)
 
 
 class _ChunkedProxyLoss(torch.autograd.Function):
