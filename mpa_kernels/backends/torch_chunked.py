@@ -31,8 +31,9 @@ the same sweep without the normalisation.
 
 Memory above the inputs and the gradients: two chunk buffers of ``chunk_elements`` elements (the
 default :data:`DEFAULT_CHUNK_ELEMENTS`; a chunk holds at least one class, so the bound is
-``max(chunk_elements, N*K)``), a few ``N x chunk`` similarity-level tensors, ``O(N + C)`` vectors
-and the chunk's normalised proxies (``chunk_elements / N * d`` elements).
+``max(chunk_elements, N*K)``), a few ``N x chunk`` similarity-level tensors, ``O(N + C)`` vectors,
+the chunk's normalised proxies (``chunk_elements / N * d`` elements) and, for the row-wise family
+with the regulariser, its ``C*K*K`` gradient matrices kept from the forward.
 """
 
 from __future__ import annotations
@@ -321,10 +322,10 @@ def _negative_logits(chunk: _Chunk, problem: _Problem) -> torch.Tensor:
 
 def _write_chunk_grads(chunk: _Chunk, g: torch.Tensor, reduction, x: torch.Tensor,
                        dx: torch.Tensor | None, dw: torch.Tensor | None, problem: _Problem,
-                       g_reg: torch.Tensor | None) -> None:
+                       g_reg: torch.Tensor | None, reg_scale: float = 1.0) -> None:
     """G = dL/dS of the chunk -> ds -> dx += ds w[chunk] and the raw proxies' dw[chunk]: ds.T x,
-    spread over the K proxies in the mean mode, plus g_reg @ u (the regulariser's, g_reg from
-    :func:`_regularizer` with tau and grad_output in its scale), through the normalisation."""
+    spread over the K proxies in the mean mode, plus reg_scale * g_reg @ u (the regulariser's,
+    g_reg from :func:`_regularizer`), through the normalisation."""
     ds = reduction.backward(g, chunk.state).reshape(x.shape[0], -1)
     if dx is not None:
         dx.addmm_(ds, chunk.w)
@@ -339,7 +340,7 @@ def _write_chunk_grads(chunk: _Chunk, g: torch.Tensor, reduction, x: torch.Tenso
         torch.mm(ds.T, x, out=du)
     if g_reg is not None:
         du3 = du.view(-1, kp, x.shape[1])
-        du3.baddbmm_(g_reg, chunk.u.view(du3.shape))
+        du3.baddbmm_(g_reg, chunk.u.view(du3.shape), alpha=reg_scale)
     if problem.normalise:
         dot = torch.linalg.vecdot(chunk.u, du, dim=1).unsqueeze(1).mul_(chunk.unclamped)
         du.addcmul_(chunk.u, dot, value=-1.0).mul_(chunk.inv)
@@ -432,7 +433,7 @@ def _row_extra(loss: str, q: torch.Tensor):
     return torch.zeros_like(q), torch.zeros_like(q)
 
 
-def _row_wise_forward(x, w, labels, problem, reduction, chunk_elements):
+def _row_wise_forward(x, w, labels, problem, reduction, chunk_elements, g_reg_all):
     with_zero, with_q = _ROW_WISE[problem.loss]
     q = problem.positive_sign * problem.alpha * (
         _positive_similarity(x, w, labels, problem, reduction) - problem.delta)
@@ -444,7 +445,13 @@ def _row_wise_forward(x, w, labels, problem, reduction, chunk_elements):
     regularizer = []
     for chunk in _sweep(x, w, labels, problem, reduction, chunk_elements):
         if problem.tau:
-            regularizer.append(_regularizer(chunk.u, problem, None)[0])
+            # The regulariser's gradient matrix is kept for the backward (C*K*K elements, K/d of
+            # the proxies' size), which spares it a second batched product over all proxies.
+            value, g_reg = _regularizer(chunk.u, problem,
+                                        problem.tau if g_reg_all is not None else None)
+            regularizer.append(value)
+            if g_reg is not None:
+                g_reg_all[chunk.start:chunk.stop] = g_reg
         z = _negative_logits(chunk, problem)
         new_max = torch.maximum(run_max, z.amax(1))
         run_sum = run_sum.mul_(run_max.sub_(new_max).exp_()).add_(
@@ -455,7 +462,8 @@ def _row_wise_forward(x, w, labels, problem, reduction, chunk_elements):
     return (lse + extra).mean() + _weighted_sum(regularizer, problem.tau), q, lse
 
 
-def _row_wise_backward(x, w, labels, problem, reduction, chunk_elements, q, lse, scale, dx, dw):
+def _row_wise_backward(x, w, labels, problem, reduction, chunk_elements, q, lse, g_reg_all, scale,
+                       dx, dw):
     _, with_q = _ROW_WISE[problem.loss]
     _, d_extra = _row_extra(problem.loss, q)
     coef = problem.alpha * scale / x.shape[0]
@@ -464,10 +472,8 @@ def _row_wise_backward(x, w, labels, problem, reduction, chunk_elements, q, lse,
     for chunk in _sweep(x, w, labels, problem, reduction, chunk_elements):
         g = _negative_logits(chunk, problem).sub_(lse.unsqueeze(1)).exp_().mul_(coef)
         g.index_put_((chunk.rows, chunk.cols), g_pos[chunk.rows])
-        g_reg = None
-        if problem.tau and dw is not None:
-            _, g_reg = _regularizer(chunk.u, problem, problem.tau * scale)
-        _write_chunk_grads(chunk, g, reduction, x, dx, dw, problem, g_reg)
+        g_reg = g_reg_all[chunk.start:chunk.stop] if g_reg_all is not None else None
+        _write_chunk_grads(chunk, g, reduction, x, dx, dw, problem, g_reg, scale)
 
 
 class _ChunkedProxyLoss(torch.autograd.Function):
@@ -486,8 +492,11 @@ class _ChunkedProxyLoss(torch.autograd.Function):
             # Saved (not kept on ctx) so that autograd frees them with the graph.
             ctx.save_for_backward(dx, dw)
         else:
-            loss, q, lse = _row_wise_forward(x, w, labels, problem, reduction, chunk_elements)
-            ctx.save_for_backward(x, w, labels, q, lse)
+            k = problem.proxies_per_class
+            g_reg_all = w.new_empty(problem.num_classes, k, k) if problem.tau and want_dw else None
+            loss, q, lse = _row_wise_forward(x, w, labels, problem, reduction, chunk_elements,
+                                             g_reg_all)
+            ctx.save_for_backward(x, w, labels, q, lse, g_reg_all)
         return loss
 
     @staticmethod
@@ -501,10 +510,10 @@ class _ChunkedProxyLoss(torch.autograd.Function):
                 dx = dx * scale if dx is not None else None
                 dw = dw * scale if dw is not None else None
         else:
-            x, w, labels, q, lse = ctx.saved_tensors
+            x, w, labels, q, lse, g_reg_all = ctx.saved_tensors
             dx = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
             dw = torch.empty_like(w) if ctx.needs_input_grad[1] else None
             if dx is not None or dw is not None:
                 _row_wise_backward(x, w, labels, problem, _reduction(problem, x.dtype),
-                                   ctx.chunk_elements, q, lse, scale, dx, dw)
+                                   ctx.chunk_elements, q, lse, g_reg_all, scale, dx, dw)
         return dx, dw, None, None, None, None, None
