@@ -241,16 +241,21 @@ def _peak_bytes(fn):
     return peak
 
 
+def _memory_case(d, monkeypatch):
+    """N, C, K and the inputs of the memory tests, swept in 16 chunks of 128 classes."""
+    monkeypatch.setattr(torch_chunked, "DEFAULT_CHUNK_ELEMENTS", 32768)
+    n, c, k = 64, 2048, 4
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=gen, requires_grad=True)
+    w = torch.randn(c * k, d, generator=gen, requires_grad=True)
+    return (n, c, k), (x, torch.randint(0, c, (n,), generator=gen), w)
+
+
 @pytest.mark.parametrize("loss", ["mpa", "mpa_dw"])
 def test_memory_does_not_grow_with_n_c_k(loss, monkeypatch):
     """Forward and backward hold far less than one N x C*K tensor beyond the inputs' copies and
     gradients, where the reference holds several. A narrow d keeps those copies small next to s."""
-    monkeypatch.setattr(torch_chunked, "DEFAULT_CHUNK_ELEMENTS", 32768)
-    n, c, k, d = 64, 2048, 4, 2
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(n, d, generator=gen, requires_grad=True)
-    w = torch.randn(c * k, d, generator=gen, requires_grad=True)
-    y = torch.randint(0, c, (n,), generator=gen)
+    (n, c, k), (x, y, w) = _memory_case(2, monkeypatch)
     s_bytes = n * c * k * 4
 
     def run(backend):
@@ -265,12 +270,8 @@ def test_memory_has_no_proxy_sized_temporary(loss, monkeypatch):
     """Through the API (raw proxies, regulariser on), forward and backward hold, beyond the
     gradients they return, well under one proxy-sized (C*K*d) plus one N x C*K tensor: the proxies'
     normalisation, the regulariser and their gradients are done chunk by chunk."""
-    monkeypatch.setattr(torch_chunked, "DEFAULT_CHUNK_ELEMENTS", 32768)
-    n, c, k, d = 64, 2048, 4, 64
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(n, d, generator=gen, requires_grad=True)
-    w = torch.randn(c * k, d, generator=gen, requires_grad=True)
-    y = torch.randint(0, c, (n,), generator=gen)
+    d = 64
+    (n, c, k), (x, y, w) = _memory_case(d, monkeypatch)
     grads_bytes = (n + c * k) * d * 4
     budget = (c * k * d + n * c * k) * 4
 
