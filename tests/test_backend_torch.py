@@ -115,6 +115,22 @@ def test_small_gamma_needs_the_max_shift(loss, dtype, monkeypatch):
     _assert_matches(got, want, TOLERANCE[dtype])
 
 
+def test_mpa_dw_positive_term_past_softplus_threshold(monkeypatch):
+    """Samples at cosine -0.57 to their proxy put MPA-DW's positive logit -alpha (S - delta) just
+    past F.softplus's threshold of 20, where softplus is linear and its gradient exactly 1, not
+    sigmoid = 1 - e^-21 (a 1e-9 difference)."""
+    monkeypatch.setattr(torch_chunked, "DEFAULT_CHUNK_ELEMENTS", 2 * 13)
+    _, y, w = _inputs(13, 7, 1, "random", torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    u = F.normalize(w.detach()[y], dim=1)
+    v = torch.randn(13, D, generator=gen, dtype=torch.float64)
+    v = F.normalize(v - u * (u * v).sum(1, keepdim=True), dim=1)
+    x = (-0.57 * u + 0.82 * v).requires_grad_()
+    got = _value_and_grads(MF.mpa_dw_loss, x, y, w, "torch", proxies_per_class=1)
+    want = _value_and_grads(MF.mpa_dw_loss, x, y, w, "reference", proxies_per_class=1)
+    _assert_matches(got, want, 1e-10)
+
+
 @pytest.mark.parametrize("similarity", ["softmax", "max", "mean"])
 @pytest.mark.parametrize("loss", ["mpa", "mpa_dw", "mpa_ap", "soft_triple"])
 def test_zero_proxy_row(loss, similarity, monkeypatch):

@@ -415,6 +415,8 @@ def _weighted_sum(terms: list[torch.Tensor], weight: float):
 #   dL/dS_iy (positive) = sign alpha / N * ([q in base] e^(q_i - lse_i) + extra'(q_i))
 # lse_i needs every class, so the gradient waits for the backward sweep.
 
+_SOFTPLUS_THRESHOLD = 20.0  # F.softplus's default
+
 _ROW_WISE = {
     # loss: (zero logit in base, q in base)
     "mpa_dw": (True, False),
@@ -427,7 +429,9 @@ _ROW_WISE = {
 def _row_extra(loss: str, q: torch.Tensor):
     """extra(q) and extra'(q) of the table above."""
     if loss == "mpa_dw":
-        return F.softplus(q), torch.sigmoid(q)
+        # F.softplus is q itself above its threshold (20), so its derivative there is 1, not
+        # sigmoid(q) = 1 - e^-q: the gradient of the value actually computed.
+        return F.softplus(q), torch.sigmoid(q).masked_fill_(q > _SOFTPLUS_THRESHOLD, 1.0)
     if loss in ("soft_triple", "proxy_nca"):
         return -q, -torch.ones_like(q)
     return torch.zeros_like(q), torch.zeros_like(q)
