@@ -221,7 +221,7 @@ def test_bad_options_and_too_many_proxies_are_clear_errors():
     with pytest.raises(TypeError, match="filter_eps"):
         triton_linear.similarity_loss(x_hat, w_hat, y, spec, filter_eps="0.1")
     x, y, w = _inputs(4, 2, 17, torch.float32, "cpu")
-    with pytest.raises(ValueError, match="up to 16 proxies per class"):
+    with pytest.raises(BackendUnavailableError, match="up to 16 proxies per class, got 17"):
         F.mpa_loss(x, y, w, proxies_per_class=17, backend=BACKEND)
 
 
