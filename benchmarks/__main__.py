@@ -112,9 +112,16 @@ def losses_main(argv: list[str]) -> dict:
         max_call_seconds=args.max_call_seconds,
         interpreter=args.interpreter,
     )
-    doc = runner.sweep(opts)
     tag = args.tag if args.tag is not None else ("quick" if args.quick else "")
-    stem = runner.results_stem(doc["environment"], tag)
+    stem = None
+
+    def checkpoint(partial: dict) -> None:
+        nonlocal stem
+        stem = stem or runner.results_stem(partial["environment"], tag)
+        runner.write_results(partial, args.out, stem)
+
+    doc = runner.sweep(opts, checkpoint=checkpoint)
+    stem = stem or runner.results_stem(doc["environment"], tag)
     json_path, csv_path = runner.write_results(doc, args.out, stem)
     print(f"wrote {json_path} and {csv_path}")
     if not args.no_plots:

@@ -237,19 +237,23 @@ def select_providers(opts: Options) -> tuple[list[Provider], dict[str, str | Non
     return chosen, status
 
 
-def sweep(opts: Options, log=print) -> dict:
-    """Run every selected provider over ``opts`` and return the results document."""
+def sweep(opts: Options, log=print, checkpoint=None) -> dict:
+    """Run every selected provider over ``opts`` and return the results document.
+
+    ``checkpoint(doc)``, if given, receives the document so far after each loss x shape x dtype,
+    so that a sweep stopped by a time limit still leaves what it measured.
+    """
     # Everything alive now (modules, torch's and pml's objects) lives to the end: moved out of the
     # collector's sight, the gc.collect() before each measurement takes milliseconds, not a second.
     gc.collect()
     gc.freeze()
     try:
-        return _sweep(opts, log)
+        return _sweep(opts, log, checkpoint)
     finally:
         gc.unfreeze()
 
 
-def _sweep(opts: Options, log) -> dict:
+def _sweep(opts: Options, log, checkpoint) -> dict:
     providers, provider_status = select_providers(opts)
     env = environment(opts.device)
     estimators = {"memory": Extrapolator(), "time": Extrapolator()}
@@ -283,8 +287,14 @@ def _sweep(opts: Options, log) -> dict:
                     log(_progress(record))
                 _add_ratios(group)
                 results.extend(group)
+                if checkpoint is not None:
+                    checkpoint(_document(opts, env, provider_status, results))
                 del case  # before the next case allocates its own inputs
     env["load_average_end"] = list(os.getloadavg())
+    return _document(opts, env, provider_status, results)
+
+
+def _document(opts: Options, env: dict, provider_status: dict, results: list[dict]) -> dict:
     return {
         "environment": env,
         "options": {
