@@ -66,8 +66,9 @@ def unit_proxy_regularizer(w_hat: torch.Tensor, proxies_per_class: int) -> torch
         return w_hat.new_zeros(())
     w = w_hat.view(-1, k, w_hat.shape[1])
     sims = torch.bmm(w, w.transpose(1, 2))
-    upper = torch.ones(k, k, dtype=torch.bool, device=w_hat.device).triu(1)
-    dist = torch.sqrt(2.0 - 2.0 * sims[:, upper].clamp(max=1.0) + _REGULARIZER_EPS)
+    # Index pairs, not a boolean mask: a mask's data-dependent shape splits torch.compile's graph.
+    t, s = torch.triu_indices(k, k, offset=1, device=w_hat.device)
+    dist = torch.sqrt(2.0 - 2.0 * sims[:, t, s].clamp(max=1.0) + _REGULARIZER_EPS)
     return dist.sum() / (w.shape[0] * k * (k - 1))
 
 
