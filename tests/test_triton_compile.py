@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import mpa_kernels.functional as F
-from mpa_kernels.kernels import similarity
+from mpa_kernels.kernels import linear, similarity
 
 ROOT = Path(__file__).resolve().parents[1]
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
@@ -24,14 +24,30 @@ _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "
 
 
 @pytest.mark.slow
-def test_every_specialisation_compiles_for_sm80_and_sm90():
+@pytest.mark.parametrize("module", [similarity, linear], ids=["similarity", "linear"])
+def test_every_specialisation_compiles_for_sm80_and_sm90(module):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-m", "mpa_kernels.kernels.compile_check",
-                             "--module", "mpa_kernels.kernels.similarity"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                             "--module", module.__name__],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-5000:]
-    expected = 2 * len(similarity.SPECIALISATIONS)
+    expected = 2 * len(module.SPECIALISATIONS)
     assert f"compiled {expected}/{expected}" in result.stdout
+
+
+def record_launches(monkeypatch) -> list:
+    """Names of the specialisations launched from now on; each launch's arguments are checked
+    against the types the specialisation declares (what the compile check compiled)."""
+    launched = []
+    real_launch = similarity.Specialisation.launch
+
+    def recording_launch(self, grid, *args):
+        launched.append(self.name)
+        assert tuple(_triton_type(a) for a in args) == tuple(t for _, t in self.arg_types)
+        return real_launch(self, grid, *args)
+
+    monkeypatch.setattr(similarity.Specialisation, "launch", recording_launch)
+    return launched
 
 
 def _triton_type(value):
@@ -46,15 +62,7 @@ def _triton_type(value):
                                           ("soft_triple", 1, torch.float32),
                                           ("mpa_ap", 2, torch.float16)])
 def test_launched_specialisations_are_the_checked_ones(monkeypatch, loss, k, dtype):
-    launched = []
-    real_launch = similarity.Specialisation.launch
-
-    def recording_launch(self, grid, *args):
-        launched.append(self.name)
-        assert tuple(_triton_type(a) for a in args) == tuple(t for _, t in self.arg_types)
-        return real_launch(self, grid, *args)
-
-    monkeypatch.setattr(similarity.Specialisation, "launch", recording_launch)
+    launched = record_launches(monkeypatch)
     fn = {"mpa": F.mpa_loss, "mpa_dw": F.mpa_dw_loss, "mpa_ap": F.mpa_ap_loss,
           "soft_triple": F.soft_triple_loss}[loss]
     x = torch.randn(5, 8, dtype=dtype, requires_grad=True)

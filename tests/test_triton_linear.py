@@ -9,10 +9,6 @@ low-precision cases), so the tolerances measure the backend's own error.
 """
 
 import itertools
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,8 +19,8 @@ from mpa_kernels._spec import LossSpec
 from mpa_kernels.backends import BackendUnavailableError, resolve
 from mpa_kernels.backends import triton_linear
 from mpa_kernels.kernels import linear
-from mpa_kernels.kernels.similarity import Specialisation
 from tests.conftest import HAS_CUDA, requires_cuda
+from tests.test_triton_compile import record_launches
 # The same losses, K values and input makers as the "triton" backend's tests (one place for both).
 from tests.test_triton_similarity import (
     KS,
@@ -35,7 +31,6 @@ from tests.test_triton_similarity import (
     _value_and_grads,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 BACKEND = "triton-linear"
 # (N, C, d): N = 1, N not a multiple of the 32-row tile, C not a power of two (nor a multiple of
 # the classes per tile), d not a multiple of the 32-wide d chunk, d below one chunk, d over two.
@@ -236,28 +231,6 @@ def test_interpreter_is_available_on_cpu():
     assert resolve(BACKEND, torch.device("cpu")) is triton_linear
 
 
-@pytest.mark.slow
-def test_every_specialisation_compiles_for_sm80_and_sm90():
-    """Ladder step 3: every variant the launchers can produce compiles for sm_80 and sm_90 (in a
-    subprocess: under TRITON_INTERPRET, @triton.jit gives interpreter objects)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-m", "mpa_kernels.kernels.compile_check",
-                             "--module", "mpa_kernels.kernels.linear"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0, result.stderr[-5000:]
-    expected = 2 * len(linear.SPECIALISATIONS)
-    assert f"compiled {expected}/{expected}" in result.stdout
-
-
-def _triton_type(value):
-    if isinstance(value, torch.Tensor):
-        return "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-                      torch.int64: "i64"}[value.dtype]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"unexpected kernel argument {value!r}")
-    return "i32" if isinstance(value, int) else "fp32"
-
-
 @pytest.mark.parametrize("loss,k,dtype,deterministic,allow_tf32", [
     ("mpa", 3, torch.float32, False, True), ("mpa_dw", 10, torch.float16, True, False),
     ("soft_triple", 1, torch.float32, True, False), ("mpa_ap", 2, torch.float16, False, False),
@@ -266,15 +239,7 @@ def test_launched_specialisations_are_the_checked_ones(monkeypatch, loss, k, dty
                                                         deterministic, allow_tf32):
     """What the launchers launch is in SPECIALISATIONS (what the compile check builds), with the
     argument types it declares; only the tiles differ under the interpreter."""
-    launched = []
-    real_launch = Specialisation.launch
-
-    def recording_launch(self, grid, *args):
-        launched.append(self.name)
-        assert tuple(_triton_type(a) for a in args) == tuple(t for _, t in self.arg_types)
-        return real_launch(self, grid, *args)
-
-    monkeypatch.setattr(Specialisation, "launch", recording_launch)
+    launched = record_launches(monkeypatch)
     monkeypatch.setattr(triton_linear, "DETERMINISTIC", deterministic)
     monkeypatch.setattr(triton_linear, "ALLOW_TF32", allow_tf32)
     x = torch.randn(5, 8, dtype=dtype, requires_grad=True)
