@@ -300,3 +300,21 @@ def test_memory_has_no_proxy_sized_temporary(loss, monkeypatch):
 
     assert extra_peak("reference") > budget
     assert extra_peak("torch") < budget / 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_identical_proxies_of_a_class_have_finite_regulariser_gradients(dtype):
+    # Found in training: two proxies of a class that coincide. In fp32, 2 + 1e-12 rounds to 2, so
+    # the regulariser's distance must be formed as 2 (1 - m) + eps to stay above zero.
+    torch.manual_seed(3)
+    x = torch.randn(8, 6, dtype=dtype)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    w = torch.randn(12, 6, dtype=dtype)
+    w[4] = w[5] = torch.tensor([0.0, 3.0, 0.0, 0.0, 0.0, 0.0])  # class 1: proxies 0 and 1 coincide
+    grads = []
+    for backend in ("torch", "reference"):
+        p = w.clone().requires_grad_(True)
+        value = MF.soft_triple_loss(x, labels, p, proxies_per_class=4, tau=0.2, backend=backend)
+        grads.append(torch.autograd.grad(value, p)[0])
+    assert torch.isfinite(grads[0]).all()
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5 * grads[1].abs().max().item())

@@ -251,7 +251,9 @@ def _regularizer(u: torch.Tensor, problem: _Problem, grad_scale: float | None):
     k = problem.proxies_per_class
     u3 = u.view(-1, k, u.shape[1])
     sims = torch.bmm(u3, u3.transpose(1, 2))
-    dist = sims.clamp(max=1.0).mul_(-2.0).add_(2.0 + _REGULARIZER_EPS).sqrt_()
+    # 2 (1 - m) + eps, in that order: 2 + eps rounds to 2 in fp32, which would make the distance of
+    # two identical proxies 0 and its reciprocal below inf. 2 (1 - m) rounds exactly as 2 - 2 m.
+    dist = sims.clamp(max=1.0).neg_().add_(1.0).mul_(2.0).add_(_REGULARIZER_EPS).sqrt_()
     a = 1.0 / (problem.num_classes * k * (k - 1))
     upper = torch.ones(k, k, dtype=torch.bool, device=u.device).triu_(1)
     value = dist[:, upper].sum() * a
