@@ -63,11 +63,13 @@ def check_number(name: str, value, *, positive: bool = False, nonnegative: bool 
         raise ValueError(f"{name} must be >= 0, got {value}")
 
 
-def _check_int(name: str, value, minimum: int) -> None:
+def check_int(name: str, value, minimum: int = 1) -> int:
+    """``value`` if it is an int (not a bool) of at least ``minimum``; else a named error."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    return value
 
 
 def check_loss_hyperparameters(
@@ -83,8 +85,8 @@ def check_loss_hyperparameters(
     """Raise a ``ValueError``/``TypeError`` that names the first bad hyper-parameter."""
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
-    _check_int("num_classes", num_classes, 2)
-    _check_int("proxies_per_class", proxies_per_class, 1)
+    check_int("num_classes", num_classes, 2)
+    check_int("proxies_per_class", proxies_per_class, 1)
     check_number("alpha", alpha, positive=True)
     check_number("delta", delta)
     check_number("gamma", gamma, positive=True)

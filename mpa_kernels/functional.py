@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from mpa_kernels._checks import check_inputs
-from mpa_kernels._spec import LossSpec, check_loss_hyperparameters, check_number
+from mpa_kernels._spec import LossSpec, check_int, check_loss_hyperparameters, check_number
 from mpa_kernels.backends import check_backend_name, resolve
 
 __all__ = [
@@ -96,10 +96,7 @@ def _proxy_loss(
     validate: bool,
 ) -> torch.Tensor:
     check_backend_name(backend)
-    if isinstance(proxies_per_class, bool) or not isinstance(proxies_per_class, int):
-        raise TypeError(f"proxies_per_class must be an int, got {type(proxies_per_class).__name__}")
-    if proxies_per_class < 1:
-        raise ValueError(f"proxies_per_class must be >= 1, got {proxies_per_class}")
+    check_int("proxies_per_class", proxies_per_class)
     num_classes = check_inputs(embeddings, labels, proxies, proxies_per_class, validate)
     check_loss_hyperparameters(
         loss, num_classes, proxies_per_class, alpha, delta, gamma, tau, similarity

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mpa_kernels import functional
-from mpa_kernels._spec import check_loss_hyperparameters, check_number
+from mpa_kernels._spec import check_int, check_loss_hyperparameters, check_number
 from mpa_kernels.backends import BackendUnavailableError, _load, check_backend_name
 
 __all__ = [
@@ -48,10 +48,7 @@ class _ProxyLoss(nn.Module):
         check_loss_hyperparameters(
             self._loss, num_classes, proxies_per_class, alpha, delta, gamma, tau, similarity
         )
-        if isinstance(embedding_size, bool) or not isinstance(embedding_size, int):
-            raise TypeError(f"embedding_size must be an int, got {type(embedding_size).__name__}")
-        if embedding_size < 1:
-            raise ValueError(f"embedding_size must be >= 1, got {embedding_size}")
+        check_int("embedding_size", embedding_size)
         check_backend_name(backend)
         if backend != "auto" and _load(backend) is None:
             raise BackendUnavailableError(

@@ -46,6 +46,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from mpa_kernels._checks import check_embeddings_and_labels
+from mpa_kernels._spec import check_int
 
 __all__ = [
     "evaluate",
@@ -206,14 +207,6 @@ def _normalise(
     return x / norms
 
 
-def _check_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}")
-    return value
-
-
 def _block_rows(num_searched: int, search_depth: int, width: int, element_size: int) -> int:
     """Query rows per block so that the block's working set stays near ``_BLOCK_BYTES``.
 
@@ -296,7 +289,7 @@ def retrieval_metrics(
                 f"{reference_embeddings.shape[1]}"
             )
     if chunk_size is not None:
-        _check_int("chunk_size", chunk_size)
+        check_int("chunk_size", chunk_size)
     device = embeddings.device if device is None else torch.device(device)
 
     dtype = _compute_dtype(embeddings, reference_embeddings)
@@ -355,12 +348,12 @@ def _one_metric(name: str, embeddings, labels, options) -> float:
 
 def recall_at_k(embeddings: torch.Tensor, labels: torch.Tensor, k: int = 1, **options) -> float:
     """Recall@k x100, the DML hit rate; ``options`` as in :func:`retrieval_metrics`."""
-    return _one_metric(f"recall@{_check_int('k', k)}", embeddings, labels, options)
+    return _one_metric(f"recall@{check_int('k', k)}", embeddings, labels, options)
 
 
 def ndcg_at_k(embeddings: torch.Tensor, labels: torch.Tensor, k: int = 10, **options) -> float:
     """nDCG@k x100 (eq. 19-20, binary relevance); ``options`` as in :func:`retrieval_metrics`."""
-    return _one_metric(f"ndcg@{_check_int('k', k)}", embeddings, labels, options)
+    return _one_metric(f"ndcg@{check_int('k', k)}", embeddings, labels, options)
 
 
 def map_at_r(embeddings: torch.Tensor, labels: torch.Tensor, **options) -> float:
@@ -392,7 +385,7 @@ def nmi(embeddings: torch.Tensor, labels: torch.Tensor, *, seed: int = 0) -> flo
     for SOP (11,316 classes) is minutes on a CPU.
     """
     check_embeddings_and_labels(embeddings, labels)
-    _check_int("seed", seed, minimum=0)
+    check_int("seed", seed, minimum=0)
     from sklearn.cluster import KMeans
     from sklearn.metrics import normalized_mutual_info_score
 
@@ -408,7 +401,7 @@ def _check_ks(name: str, ks) -> tuple[int, ...]:
         ks = (ks,)
     if not isinstance(ks, Iterable) or isinstance(ks, str):
         raise TypeError(f"{name} must be an int or a sequence of ints, got {type(ks).__name__}")
-    return tuple(_check_int(f"each of {name}", k) for k in ks)
+    return tuple(check_int(f"each of {name}", k) for k in ks)
 
 
 def evaluate(

@@ -63,9 +63,9 @@ def test_validate_false_skips_value_checks_only():
 @pytest.mark.parametrize(
     "kwargs,exc,match",
     [
-        ({"proxies_per_class": 0}, ValueError, "proxies_per_class must be >= 1"),
+        ({"proxies_per_class": 0}, ValueError, "proxies_per_class must be at least 1"),
         ({"proxies_per_class": 2.0}, TypeError, "proxies_per_class must be an int"),
-        ({"num_classes": 1}, ValueError, "num_classes must be >= 2"),
+        ({"num_classes": 1}, ValueError, "num_classes must be at least 2"),
         ({"similarity": "median"}, ValueError, "unknown similarity 'median'"),
         ({"backend": "cuda"}, ValueError, "unknown backend 'cuda'"),
         ({"alpha": 0.0}, ValueError, "alpha must be > 0"),
@@ -73,7 +73,7 @@ def test_validate_false_skips_value_checks_only():
         ({"tau": -0.1}, ValueError, "tau must be >= 0"),
         ({"delta": float("nan")}, ValueError, "delta must be finite"),
         ({"alpha": "32"}, TypeError, "alpha must be a real number"),
-        ({"embedding_size": 0}, ValueError, "embedding_size must be >= 1"),
+        ({"embedding_size": 0}, ValueError, "embedding_size must be at least 1"),
     ],
 )
 def test_bad_module_arguments(kwargs, exc, match):
@@ -86,7 +86,7 @@ def test_bad_module_arguments(kwargs, exc, match):
 @pytest.mark.parametrize(
     "kwargs,exc,match",
     [
-        ({"proxies_per_class": 0}, ValueError, "proxies_per_class must be >= 1"),
+        ({"proxies_per_class": 0}, ValueError, "proxies_per_class must be at least 1"),
         ({"similarity": "median"}, ValueError, "unknown similarity"),
         ({"alpha": -1.0}, ValueError, "alpha must be > 0"),
         ({"backend": "gpu"}, ValueError, "unknown backend 'gpu'"),
