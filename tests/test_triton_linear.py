@@ -21,6 +21,7 @@ from mpa_kernels.backends import triton_linear
 from mpa_kernels.kernels import linear
 from tests.conftest import HAS_CUDA, requires_cuda
 from tests.test_triton_compile import record_launches
+from tests.test_triton_custom_op import assert_compiles_to_single_ops
 # The same losses, K values and input makers as the "triton" backend's tests (one place for both).
 from tests.test_triton_similarity import (
     KS,
@@ -299,12 +300,6 @@ def test_opcheck(loss, similarity, k, deterministic):
 
 
 def test_compile_fullgraph_records_the_operators():
-    """torch.compile(fullgraph=True) of a loss on raw embeddings and proxies: the forward and
-    backward operators are single graph nodes, values and gradients equal to eager. The
-    ``aot_eager``-style backend traces both graphs without generating code (quick on CPU)."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
     spec = LossSpec("mpa_ap", 5, 2, 32.0, 0.1)
 
     def loss_fn(x, w, labels):
@@ -314,21 +309,4 @@ def test_compile_fullgraph_records_the_operators():
     x = torch.randn(11, 8, requires_grad=True)
     w = torch.randn(10, 8, requires_grad=True)
     labels = torch.randint(0, 5, (11,))
-    eager = loss_fn(x, w, labels)
-    eager_grads = torch.autograd.grad(eager, (x, w))
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append(gm.code)
-        return make_boxed_func(gm)
-
-    compiled = torch.compile(loss_fn, fullgraph=True,
-                             backend=aot_autograd(fw_compiler=capture, bw_compiler=capture))
-    value = compiled(x, w, labels)
-    grads = torch.autograd.grad(value, (x, w))
-    forward_graph, backward_graph = graphs
-    assert "mpa_kernels.linear_loss.default" in forward_graph
-    assert "mpa_kernels.linear_loss_backward.default" in backward_graph
-    torch.testing.assert_close(value, eager)
-    for a, b in zip(grads, eager_grads):
-        torch.testing.assert_close(a, b)
+    assert_compiles_to_single_ops(loss_fn, x, w, labels, "linear_loss")
