@@ -313,7 +313,10 @@ def _sweep(opts: Options, log, checkpoint) -> dict:
                     else:
                         _run_guarded(p, case, opts, record, estimators)
                         if opts.roofline is not None:
-                            _add_prediction(record, case, opts.roofline)
+                            try:
+                                _add_prediction(record, case, opts.roofline)
+                            except Exception as err:  # noqa: BLE001 - keep the measurement
+                                record["predicted_error"] = f"{type(err).__name__}: {err}"[:300]
                         if p.per_shape_only:
                             floors[floor_key] = record
                     group.append(record)
