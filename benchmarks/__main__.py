@@ -1,7 +1,9 @@
 """``python -m benchmarks``: see benchmarks/README.md.
 
     python -m benchmarks [--quick] [--device D] [--shapes ...] [--losses ...] [--providers ...]
-                         [--dtypes ...] [--repeats R] [--out DIR]      # the loss sweep
+                         [--dtypes ...] [--repeats R] [--threads T] [--out DIR]  # the loss sweep
+    python -m benchmarks --predict h100|h200 [--shapes ...] [--losses ...] [--dtypes ...]
+                                                                     # roofline predictions alone
     python -m benchmarks metrics [--device D] [--repeats R] [--out DIR]  # the metrics engine
     python -m benchmarks plot RESULTS.json                               # charts of a results file
     python -m benchmarks table RESULTS.json [--losses ...] [--shapes ...]  # markdown tables
@@ -16,7 +18,10 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+# Relative to the working directory, never the package's own folder (an installed copy lives in
+# site-packages); git ignores it in a clone. The committed results are written with --out.
+DEFAULT_OUT = Path("benchmark-results")
+PROTOCOL_SHAPES = ("cub", "sop32", "sop256", "large")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -63,21 +68,31 @@ def _loss_parser() -> argparse.ArgumentParser:
     p.add_argument("--interpreter", action="store_true",
                    help="also run the Triton backends through the interpreter on CPU (not a "
                         "performance figure; excluded by default)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help=f"results folder (default: ./{DEFAULT_OUT}, which git ignores)")
     p.add_argument("--tag", default=None, help="suffix of the results file name")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--predict", metavar="GPU", default=None,
+                   help="print and write the roofline model's predicted times for GPU (h100, "
+                        "h200) instead of measuring: default shapes "
+                        f"{', '.join(PROTOCOL_SHAPES)}, all losses, float32 and bfloat16")
+    p.add_argument("--roofline", metavar="GPU", default=None,
+                   help="the GPU model whose predictions are recorded beside CUDA measurements "
+                        "(default: from the device name, when it is an H100 or H200)")
     return p
 
 
 def _add_threads(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads (default: as torch set it; see the README on "
-                        "busy machines)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch.set_num_threads (default 1: on a machine that other jobs share, "
+                        "more threads than free cores make every parallel region wait for a "
+                        "descheduled thread; give the core count on a quiet machine)")
 
 
 def _set_threads(args: argparse.Namespace) -> None:
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    if args.threads < 1:
+        raise SystemExit(f"--threads must be at least 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
 
 
 def _choose(names: list[str], known, what: str) -> list[str]:
@@ -93,6 +108,8 @@ def losses_main(argv: list[str]) -> dict:
     from benchmarks.shapes import FULL, QUICK, SHAPES
 
     args = _loss_parser().parse_args(argv)
+    if args.predict is not None:
+        return predict_main(args)
     device = torch.device(args.device)
     _set_threads(args)
     shapes = args.shapes or list(QUICK if args.quick else FULL)
@@ -111,6 +128,7 @@ def losses_main(argv: list[str]) -> dict:
         seconds_per_case=args.seconds_per_case,
         max_call_seconds=args.max_call_seconds,
         interpreter=args.interpreter,
+        roofline=_roofline_gpu(args.roofline, device),
     )
     tag = args.tag if args.tag is not None else ("quick" if args.quick else "")
     stem = None
@@ -127,6 +145,43 @@ def losses_main(argv: list[str]) -> dict:
     if not args.no_plots:
         for path in plots.render(doc, args.out, stem):
             print(f"wrote {path}")
+    return doc
+
+
+def _roofline_gpu(name: str | None, device: torch.device) -> str | None:
+    from benchmarks import roofline
+
+    if name is not None:
+        if name not in roofline.GPUS:
+            raise SystemExit(f"unknown GPU model {name!r}; expected one of "
+                             f"{', '.join(roofline.GPUS)}")
+        return name
+    if device.type != "cuda":
+        return None
+    return roofline.gpu_for_device_name(torch.cuda.get_device_name(device))
+
+
+def predict_main(args: argparse.Namespace) -> dict:
+    """``--predict GPU``: the model's tables alone, printed and written as markdown and JSON."""
+    from benchmarks import roofline
+    from benchmarks.providers import LOSSES
+    from benchmarks.shapes import SHAPES
+
+    if args.predict not in roofline.GPUS:
+        raise SystemExit(f"unknown GPU model {args.predict!r}; expected one of "
+                         f"{', '.join(roofline.GPUS)}")
+    shapes = [SHAPES[s] for s in _choose(args.shapes or list(PROTOCOL_SHAPES), SHAPES, "shape")]
+    losses = _choose(args.losses or list(LOSSES), LOSSES, "loss")
+    dtypes = [str(_DTYPES[d]).removeprefix("torch.")
+              for d in _choose(args.dtypes or ["float32", "bfloat16"], _DTYPES, "dtype")]
+    doc = roofline.predicted_document(args.predict, shapes, losses, dtypes)
+    text = roofline.markdown(doc)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"predicted-{args.predict}" + (f"-{args.tag}" if args.tag else "")
+    (args.out / f"{stem}.md").write_text(text + "\n")
+    (args.out / f"{stem}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"wrote {args.out / (stem + '.md')} and {args.out / (stem + '.json')}")
     return doc
 
 

@@ -1,5 +1,7 @@
 """PNG charts of a results document: one figure per loss and dtype, one column per shape; the top
-row is time (forward and forward + backward), the bottom row peak memory, one bar per provider."""
+row is time (forward and forward + backward, median bars with min-max whiskers, and the roofline
+prediction as a black tick where the results have one), the bottom row peak memory, one bar per
+provider."""
 
 from __future__ import annotations
 
@@ -27,11 +29,23 @@ def _label(r: dict) -> str:
     return f"skipped: est.\n{r['estimated_call_s']:.0f} s per call"
 
 
+def _whisker(ax, x: float, figure: dict, width: float) -> None:
+    """Min-max of the repeats around the median, in ms: how far a single call strayed."""
+    med, lo, hi = (figure[k] * 1e3 for k in ("median_s", "min_s", "max_s"))
+    ax.errorbar(x, med, yerr=[[med - lo], [hi - med]], fmt="none", ecolor="black",
+                elinewidth=0.8, capsize=width * 4)
+
+
 def _panel(ax, rows: list[dict], value, ylabel: str, secondary=None) -> None:
+    """Bars of ``value(r)``; with ``secondary`` (the time panel) a narrower bar inside each, the
+    min-max whiskers of both and the predicted forward+backward time as a tick."""
     names = [r["provider"] for r in rows]
     xs = range(len(rows))
+
     def height(r):
-        return max(value(r), secondary(r)) if secondary else value(r)
+        if not secondary:
+            return value(r)
+        return max(value(r), secondary(r), r["forward_backward"]["max_s"] * 1e3)
 
     top = max((height(r) for r in rows if r["status"] == "ok"), default=1.0)
     for x, r in zip(xs, rows):
@@ -44,6 +58,12 @@ def _panel(ax, rows: list[dict], value, ylabel: str, secondary=None) -> None:
         ax.bar(x, v, color=colour, alpha=0.45 if secondary else 1.0, width=0.8)
         if secondary:
             ax.bar(x, secondary(r), color=colour, width=0.5)
+            _whisker(ax, x + 0.2, r["forward_backward"], 0.8)
+            _whisker(ax, x - 0.1, r["forward"], 0.5)
+            p = r.get("predicted")
+            if p is not None:
+                ax.hlines(p["forward_backward_s"] * 1e3, x - 0.4, x + 0.4, colors="black",
+                          linewidth=1.5)
         ratio = r.get("forward_backward_vs_reference" if secondary else
                       "peak_forward_backward_vs_reference")
         if ratio is not None and r["provider"] != "reference":
@@ -85,8 +105,9 @@ def render(doc: dict, out_dir: Path, stem: str) -> list[Path]:
             fig.suptitle(textwrap.fill(
                 f"{loss}, {dtype} on {env['device_name']} ({env['torch_threads']} threads), "
                 f"torch {env['torch']}. Time: wide light bar forward+backward, narrow dark bar "
-                f"forward. Memory: peak of forward+backward. Labels: forward+backward ratio to "
-                f"the reference.", width=int(28 * len(shapes) + 20)), fontsize=9)
+                f"forward (medians; whiskers min-max of the repeats; black tick: predicted "
+                f"forward+backward). Memory: peak of forward+backward. Labels: forward+backward "
+                f"ratio to the reference.", width=int(28 * len(shapes) + 20)), fontsize=9)
             fig.tight_layout()
             path = out_dir / f"{stem}-{loss}-{dtype}.png"
             fig.savefig(path, dpi=110)

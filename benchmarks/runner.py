@@ -46,6 +46,7 @@ class Options:
     seconds_per_case: float  # fewer repeats (at least one) when one call is slow
     max_call_seconds: float  # skip a run whose one forward+backward is estimated to take longer
     interpreter: bool
+    roofline: str | None = None  # GPU model (benchmarks.roofline.GPUS) to predict each time with
     seed: int = 0
 
 
@@ -158,8 +159,10 @@ def results_stem(env: dict, tag: str = "") -> str:
 
 
 def _measure(provider: Provider, case: Case, opts: Options, record: dict) -> None:
-    """Fill ``record`` with the times and peaks of one provider on one case."""
+    """Fill ``record`` with the times and peaks of one provider on one case, and the 1-minute
+    load average before and after (other jobs on the machine slow the measured ones)."""
     device = opts.device
+    record["load_before"] = os.getloadavg()[0]
     start = time.perf_counter()
     run = provider.build(case)
     # A compiling provider's first call compiles: one more warm-up call, so that the number of
@@ -185,7 +188,28 @@ def _measure(provider: Provider, case: Case, opts: Options, record: dict) -> Non
     if run.value is not None:
         with torch.no_grad():
             record["loss_value"] = run.value()
+    record["load_after"] = os.getloadavg()[0]
     record["status"] = "ok"
+
+
+def _add_prediction(record: dict, case: Case, gpu: str) -> None:
+    """The roofline model's times beside the measured ones, and measured / predicted."""
+    from benchmarks import roofline
+
+    if record["provider"] not in roofline.PROVIDERS:
+        return
+    p = roofline.predict(record["provider"], case.loss, case.shape, _dtype_name(case.dtype), gpu,
+                         tf32=torch.backends.cuda.matmul.allow_tf32)
+    if p is None:
+        return
+    record["predicted"] = {
+        "gpu": p["gpu"],
+        **{f"{kind}_s": p[kind]["time_s"] for kind in ("forward", "backward", "forward_backward")},
+        "bound_forward": p["forward"]["bound"], "bound_backward": p["backward"]["bound"],
+    }
+    for kind in ("forward", "forward_backward"):
+        if record.get("status") == "ok":
+            record[f"{kind}_vs_predicted"] = record[kind]["median_s"] / p[kind]["time_s"]
 
 
 def _add_ratios(group: list[dict]) -> None:
@@ -219,9 +243,16 @@ def _progress(r: dict) -> str:
     head = f"{r['loss']:12s} {r['shape']:10s} {r['dtype']:8s} {r['provider']:14s}"
     if r["status"] != "ok":
         return f"{head} {r['status']}: {r.get('reason', '')}"
-    return (f"{head} fwd {r['forward']['median_s'] * 1e3:9.2f} ms   fwd+bwd "
+    line = (f"{head} fwd {r['forward']['median_s'] * 1e3:9.2f} ms   fwd+bwd "
             f"{r['forward_backward']['median_s'] * 1e3:9.2f} ms   peak "
             f"{_fmt_bytes(r['peak_forward_backward_bytes'])}  (x{r['forward']['repeats']})")
+    p = r.get("predicted")
+    if p is not None:
+        line += (f"   predicted fwd {p['forward_s'] * 1e3:.3g} / fwd+bwd "
+                 f"{p['forward_backward_s'] * 1e3:.3g} ms ({p['bound_forward']}/"
+                 f"{p['bound_backward']}-bound): x{r['forward_vs_predicted']:.2f} / "
+                 f"x{r['forward_backward_vs_predicted']:.2f} of it")
+    return line
 
 
 def select_providers(opts: Options) -> tuple[list[Provider], dict[str, str | None]]:
@@ -281,6 +312,11 @@ def _sweep(opts: Options, log, checkpoint) -> dict:
                                        if k not in record})
                     else:
                         _run_guarded(p, case, opts, record, estimators)
+                        if opts.roofline is not None:
+                            try:
+                                _add_prediction(record, case, opts.roofline)
+                            except Exception as err:  # noqa: BLE001 - keep the measurement
+                                record["predicted_error"] = f"{type(err).__name__}: {err}"[:300]
                         if p.per_shape_only:
                             floors[floor_key] = record
                     group.append(record)
@@ -305,6 +341,7 @@ def _document(opts: Options, env: dict, provider_status: dict, results: list[dic
             "warmup": opts.warmup,
             "seconds_per_case": opts.seconds_per_case,
             "max_call_seconds": opts.max_call_seconds,
+            "roofline": opts.roofline,
             "memory_method": ("torch.cuda.max_memory_allocated" if opts.device.type == "cuda"
                               else "torch.profiler CPU allocator events"),
         },
@@ -364,7 +401,9 @@ CSV_FIELDS = [
     "forward_vs_reference", "forward_backward_vs_reference", "peak_forward_backward_vs_reference",
     "forward_vs_floor", "forward_backward_vs_floor", "peak_forward_backward_vs_floor",
     "first_call_s", "loss_value", "loss_rel_diff_to_reference", "estimated_bytes",
-    "estimated_call_s", "reason",
+    "estimated_call_s", "load_before", "load_after",
+    "predicted_forward_s", "predicted_forward_backward_s", "predicted_bound_forward",
+    "predicted_bound_backward", "forward_vs_predicted", "forward_backward_vs_predicted", "reason",
 ]
 
 
@@ -376,6 +415,9 @@ def _csv_row(r: dict) -> dict:
                 row[f"{kind}_{stat}"] = r[kind][stat]
         if kind in r:
             row["repeats"] = r[kind]["repeats"]
+    for key, value in r.get("predicted", {}).items():
+        if f"predicted_{key}" in CSV_FIELDS:
+            row[f"predicted_{key}"] = value
     return row
 
 

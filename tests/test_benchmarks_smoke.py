@@ -1,6 +1,7 @@
 """The benchmark harness end to end on the tiniest shape: every provider that runs on this machine
 (except torch.compile, whose compile alone takes most of a minute on a CPU) writes a results file
-with the documented fields and sane figures, and the charts render."""
+with the documented fields and sane figures, and the charts render; the roofline predictions
+alone (``--predict``) are written as markdown and JSON."""
 
 import csv
 import json
@@ -8,7 +9,8 @@ import json
 import pytest
 import torch
 
-from benchmarks.__main__ import main
+from benchmarks.__main__ import DEFAULT_OUT, _loss_parser, main
+from benchmarks import roofline
 from benchmarks.providers import Case
 from benchmarks.runner import CSV_FIELDS
 from benchmarks.shapes import SHAPES
@@ -19,11 +21,11 @@ from benchmarks.summary import markdown
 def doc(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     threads = torch.get_num_threads()
-    # One thread: tiny ops on two threads of a busy 2-core machine wait on each other.
+    # --roofline on a CPU: the H100's predictions beside CPU times, only to exercise the fields.
     try:
         result = main(["--device", "cpu", "--shapes", "tiny", "--losses", "mpa,proxy_anchor",
                        "--providers", "reference,pml,torch,floor", "--repeats", "1",
-                       "--threads", "1", "--out", str(out), "--tag", "smoke"])
+                       "--roofline", "h100", "--out", str(out), "--tag", "smoke"])
     finally:
         torch.set_num_threads(threads)
     return result, out
@@ -53,13 +55,43 @@ def test_results_file_schema(doc):
         assert r["forward_vs_reference"] is not None
         if r["provider"] != "floor":
             assert r["loss_rel_diff_to_reference"] < 1e-4, r
+        assert r["load_before"] >= 0 and r["load_after"] >= 0
+        if r["provider"] == "pml":
+            assert "predicted" not in r  # the model has no pml
+        else:
+            p = r["predicted"]
+            assert 0 < p["forward_s"] < p["forward_backward_s"]
+            assert r["forward_backward_vs_predicted"] == pytest.approx(
+                t["median_s"] / p["forward_backward_s"])
     (csv_path,) = out.glob("*-smoke.csv")
     lines = [ln for ln in csv_path.read_text().splitlines() if not ln.startswith("#")]
     table = list(csv.DictReader(lines))
     assert list(table[0]) == CSV_FIELDS and len(table) == len(rows)
     assert len(list(out.glob("*-smoke-*.png"))) == 2
+    assert all(row["load_before"] != "" and row["predicted_forward_backward_s"] != ""
+               for row in table if row["provider"] != "pml")
     md = markdown(result, losses=["mpa"])
     assert "| reference | " in md and "proxy_anchor" not in md
+    assert "measured / predicted" in md and "Off their predicted bound" in md
+
+
+def test_defaults_one_thread_and_an_ignored_folder():
+    args = _loss_parser().parse_args([])
+    assert args.threads == 1
+    # Relative to where it runs, never the installed package's folder; .gitignore lists it.
+    assert args.out == DEFAULT_OUT and not DEFAULT_OUT.is_absolute()
+
+
+def test_predict_alone(tmp_path):
+    doc = main(["--predict", "h200", "--shapes", "tiny", "--losses", "mpa_ap", "--dtypes", "bf16",
+                "--out", str(tmp_path)])
+    assert doc["gpu"]["name"] == "NVIDIA H200 SXM"
+    rows = {r["provider"]: r["prediction"] for r in doc["predictions"]}
+    assert set(rows) == set(roofline.PROVIDERS)
+    assert all(p["forward_backward"]["time_s"] > 0 for p in rows.values())
+    assert json.loads((tmp_path / "predicted-h200.json").read_text()) == json.loads(
+        json.dumps(doc))
+    assert "| triton-linear |" in (tmp_path / "predicted-h200.md").read_text()
 
 
 def test_case_inputs_require_grad():

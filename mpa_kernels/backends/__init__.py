@@ -78,8 +78,13 @@ def _refusal(module: ModuleType, device: torch.device, spec: LossSpec | None) ->
 
 # The similarity tensor s = x_hat @ w_hat.T and its gradient ds take 2 * N * C * K * b bytes in the
 # "triton" backend. From this size on, "auto" prefers "triton-linear", which never stores them.
-# Written from the memory argument alone (at 1 GiB the pair is 4 GiB of traffic per step and a large
-# share of a training step's memory); no GPU timing has placed the crossover yet. See the README.
+# A memory rule, and the roofline model (benchmarks/roofline.py) says a size threshold is the right
+# shape for it: per score, "triton" moves s and ds through HBM six times and "triton-linear" pays a
+# fourth GEMM over K padded to a power of two, so which is faster depends on the dtype, K and N
+# (the fused backward's fp32 gradient buffers are a fixed cost), not on the size of s. On H100 and
+# H200 "triton" is predicted faster at every benchmark shape; where this rule fires, the fused
+# kernels take 0.76-1.34x its time in bf16 and 1.24-2.0x in fp32 (CUDA cores, no TF32), for at
+# least 1 GiB less memory. See the README's "Performance".
 LINEAR_MIN_SIMILARITY_BYTES = 1 << 30
 
 
