@@ -17,10 +17,10 @@ def tiny_config(tmp_path: Path, **over) -> str:
     # threads=1: the harness's own setting for tiny models (no OpenMP oversubscription).
     values = {"name": "tiny", "threads": 1, "dataset": "synthetic", "backbone": "mlp",
               "hidden_size": 16, "embedding_size": 8, "synthetic_train_classes": 4,
-              "synthetic_test_classes": 3, "synthetic_centres": 3, "synthetic_samples": 5, "synthetic_dim": 8,
-              "batch_size": 20, "epochs": 2, "lr_step": 1, "lr": 1e-2, "num_workers": 0,
-              "progress": True, "proxies_per_class": 2, "recall_ks": [1, 2], "ndcg_ks": [2],
-              "losses": ["mpa", "mpa_ap"], "out_dir": str(tmp_path)}
+              "synthetic_test_classes": 3, "synthetic_centres": 3, "synthetic_samples": 5,
+              "synthetic_dim": 8, "batch_size": 20, "epochs": 2, "lr_step": 1, "lr": 1e-2,
+              "num_workers": 0, "progress": True, "proxies_per_class": 2, "recall_ks": [1, 2],
+              "ndcg_ks": [2], "losses": ["mpa", "mpa_ap"], "out_dir": str(tmp_path)}
     values.update(over)
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "tiny.json"
