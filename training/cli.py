@@ -10,14 +10,16 @@ from pathlib import Path
 
 import torch
 
-from training import config, distributed, report
+from training import config, distributed, report, sweep
 from training.backbones import IMAGENET_BACKBONES, random_init_note
+from training.config import ConfigError
 from training.distributed import Context
 from training.engine import Run
 
 
-def run_experiment(cfg: dict, ctx: Context) -> None:
-    """Every loss and seed of one experiment, then its table (printed) and report files."""
+def run_experiment(cfg: dict, ctx: Context) -> list[dict]:
+    """Every loss and seed of one experiment, then its table (printed) and report files; returns
+    the runs' results (on the main rank; empty on the others)."""
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     out = Path(cfg["out_dir"]) / cfg["name"]
@@ -38,10 +40,16 @@ def run_experiment(cfg: dict, ctx: Context) -> None:
         title = f"{cfg['name']} ({cfg['dataset']}, {cfg['backbone']})"
         print("\n" + report.write(out, results, cfg["recall_ks"], cfg["ndcg_ks"], title))
         print(f"report: {out / 'report.md'}, {out / 'report.csv'}, plots in {out}\n", flush=True)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
-    name, configs, args = config.from_argv(argv)
+    try:
+        name, configs, args = config.from_argv(argv)
+        key, grids = sweep.parse(args.sweep, configs) if args.sweep else (None, None)
+    except ConfigError as err:
+        print(f"python -m training: error: {err}", file=sys.stderr)
+        return 2
     if args.print_config:
         print(json.dumps(configs, indent=1))
         return 0
@@ -51,8 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         # Said once per experiment by run_experiment rather than once per run.
         warnings.filterwarnings("ignore", message=".*training from random initialisation")
         try:
-            for cfg in configs:
-                run_experiment(cfg, ctx)
+            for i, cfg in enumerate(configs):
+                if key is None:
+                    run_experiment(cfg, ctx)
+                else:
+                    sweep.run(key, grids[i], ctx, run_experiment)
         finally:
             distributed.shutdown(ctx)
     if ctx.is_main:

@@ -247,6 +247,10 @@ def parser() -> argparse.ArgumentParser:
                    "(default: default, the embedded CPU demonstration)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable)")
+    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="run the experiment once per value of KEY (any config key, e.g. "
+                   "proxies_per_class=1,2,4,8; or a JSON list of values) and write a table "
+                   "and plot of the metrics against it (see training/sweep.py)")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config(s) as JSON and exit")
     keys = p.add_argument_group("config keys (override the config file)")

@@ -33,23 +33,42 @@ def summarise(results: list[dict], cols: list[str]) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], cols: list[str], title: str) -> str:
-    """Cells read ``mean (std)`` like the paper's; the best mean of each column in bold."""
-    best = {c: max(r[c] for r in rows) for c in cols}
-    lines = [f"### {title}", "", "| Methods | " + " | ".join(cols) + " |",
-             "|---|" + "---|" * len(cols)]
+def markdown(rows: list[dict], cols: list[str], title: str, by: str | None = None) -> str:
+    """Cells read ``mean (std)`` like the paper's; the best mean of each column in bold. With
+    ``by`` (a swept config key) each row is one (method, value), the value in a second column, and
+    the bold marks each method's best value, the reading a sweep asks for."""
+    group = (lambda r: r["method"]) if by else (lambda r: None)
+    best, size = {}, defaultdict(int)
     for r in rows:
-        cells = []
+        size[group(r)] += 1
+        for c in cols:
+            best[group(r), c] = max(best.get((group(r), c), -np.inf), r[c])
+    lead = ["Methods"] + ([by] if by else [])
+    lines = [f"### {title}", "", "| " + " | ".join(lead + cols) + " |",
+             "|---|" + "---|" * (len(lead) - 1 + len(cols))]
+    for r in rows:
+        cells = [r["method"]] + ([str(r[by])] if by else [])
         for c in cols:
             text = f"{r[c]:.1f}"
             if not np.isnan(r[c + " std"]):
                 text += f" ({r[c + ' std']:.1f})"
-            cells.append(f"**{text}**" if r[c] == best[c] and len(rows) > 1 else text)
-        lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+            cells.append(f"**{text}**" if r[c] == best[group(r), c] and size[group(r)] > 1
+                         else text)
+        lines.append("| " + " | ".join(cells) + " |")
     seeds = sorted({r["seeds"] for r in rows})
     lines += ["", f"Best epoch by {cols[0]} per run; mean (standard deviation) over "
               f"{'/'.join(map(str, seeds))} seed(s)."]
     return "\n".join(lines) + "\n"
+
+
+def write_csv(path: Path, rows: list[dict], cols: list[str],
+              lead: tuple[str, ...] = ("method", "seeds")) -> None:
+    """The table as CSV: the ``lead`` fields, then each column's mean and std."""
+    with open(path, "w", newline="") as fh:
+        fields = list(lead) + [k for c in cols for k in (c, c + " std")]
+        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def write(out: Path, results: list[dict], recall_ks: list[int], ndcg_ks: list[int],
@@ -60,11 +79,7 @@ def write(out: Path, results: list[dict], recall_ks: list[int], ndcg_ks: list[in
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows, cols, title)
     (out / "report.md").write_text(table)
-    with open(out / "report.csv", "w", newline="") as fh:
-        fields = ["method", "seeds"] + [k for c in cols for k in (c, c + " std")]
-        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "report.csv", rows, cols)
     _plots(out, results, recall_ks)
     return table
 
