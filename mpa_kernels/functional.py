@@ -12,7 +12,7 @@ import torch
 
 from mpa_kernels._checks import check_inputs
 from mpa_kernels._spec import LossSpec, check_int, check_loss_hyperparameters, check_number
-from mpa_kernels.backends import check_backend_name, resolve
+from mpa_kernels.backends import _MODULES, check_backend_name, resolve
 
 __all__ = [
     "mpa_loss",
@@ -35,7 +35,14 @@ class _UnitRows(torch.autograd.Function):
     ``F.normalize`` keeps the graph of a norm, a clamp, an expand and a division, whose backward
     materialises several tensors of the proxies' size (C*K*d: 221 MiB at SOP scale with K = 10).
     Here the backward is one fused expression, ``(g - u (u . g)) / ||v||`` (the projection of ``g``
-    off ``u``, scaled), and ``g / eps`` for rows whose norm was clamped.
+    off ``u``, scaled), and ``g / eps`` for rows whose norm was clamped. It keeps ``v`` (which the
+    caller holds anyway: the proxies, or the embeddings) rather than ``u``, and rebuilds
+    ``u = v / ||v||`` inside that expression.
+
+    Under ``create_graph=True`` (a Hessian-vector product, a gradient penalty) the same expression
+    is evaluated in differentiable operations with ``1 / ||v||`` recomputed from ``v``, so that the
+    second derivative sees the norm depend on ``v``; treating it as a constant is off by tens of
+    percent.
     """
 
     @staticmethod
@@ -43,20 +50,59 @@ class _UnitRows(torch.autograd.Function):
         norm = torch.linalg.vector_norm(v, dim=1, keepdim=True)
         unclamped = norm > _NORM_EPS
         inv = norm.clamp_min_(_NORM_EPS).reciprocal_()
-        u = v * inv
-        ctx.save_for_backward(u, inv, unclamped)
-        return u
+        ctx.save_for_backward(v, inv, unclamped)
+        return v * inv
 
     @staticmethod
     def backward(ctx, g: torch.Tensor) -> torch.Tensor:
-        u, inv, unclamped = ctx.saved_tensors
-        dot = torch.linalg.vecdot(u, g, dim=1).unsqueeze(1).mul_(unclamped)
-        return torch.addcmul(g, u, dot, value=-1.0).mul_(inv)
+        v, inv, unclamped = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            inv = torch.linalg.vector_norm(v, dim=1, keepdim=True).clamp_min(_NORM_EPS).reciprocal()
+            u = v * inv
+            dot = torch.linalg.vecdot(u, g, dim=1).unsqueeze(1) * unclamped
+            return (g - u * dot) * inv
+        # (g - u (u . g)) / ||v|| with u . g = (v . g) / ||v||, in one tensor of v's size.
+        dot = torch.linalg.vecdot(v, g, dim=1).unsqueeze(1).mul_(inv).mul_(unclamped)
+        return (v * (dot.mul_(inv).neg_())).add_(g).mul_(inv)
 
 
 def unit_rows(v: torch.Tensor) -> torch.Tensor:
-    """Rows of ``v`` scaled to unit L2 norm (as ``F.normalize(v, dim=1)``, leaner backward)."""
+    """Rows of ``v`` scaled to unit L2 norm (as ``F.normalize(v, dim=1)``, leaner backward, and
+    twice differentiable)."""
     return _UnitRows.apply(v)
+
+
+class _FirstDerivativesOnly(torch.autograd.Function):
+    """The identity on the loss of a backend whose backward is not itself differentiable (a Triton
+    kernel, a hand-written backward): asked for a graph of its gradient (``create_graph=True``),
+    it refuses at once, instead of letting that graph treat the backend's gradient as a constant
+    (a second derivative that is silently wrong) or fail later naming an internal operator."""
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, backend: str) -> torch.Tensor:
+        ctx.backend = backend
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"backend {ctx.backend!r} gives first derivatives only, and this backward was asked "
+                "to build a graph for second ones (create_graph=True: a Hessian-vector product, a "
+                "gradient penalty); use backend='reference' for second derivatives"
+            )
+        return g, None
+
+
+_BACKEND_NAMES = {module: name for name, module in _MODULES.items()}
+
+
+def first_order_guard(impl, value: torch.Tensor) -> torch.Tensor:
+    """``value`` from backend module ``impl``, guarded unless the backend declares
+    ``SECOND_DERIVATIVES = True`` (its gradient is itself differentiable)."""
+    if getattr(impl, "SECOND_DERIVATIVES", False):
+        return value
+    return _FirstDerivativesOnly.apply(value, _BACKEND_NAMES.get(impl.__name__, impl.__name__))
 
 
 def unit_proxy_regularizer(w_hat: torch.Tensor, proxies_per_class: int) -> torch.Tensor:
@@ -112,9 +158,11 @@ def _proxy_loss(
         if hasattr(impl, "proxy_loss"):
             # The backend normalises the proxies and adds the regulariser inside its own sweep,
             # so that no C*K*d copy of them (nor of their gradient) is ever made.
-            return impl.proxy_loss(x_hat, proxies.to(dtype), labels.long(), spec, float(tau))
+            return first_order_guard(
+                impl, impl.proxy_loss(x_hat, proxies.to(dtype), labels.long(), spec, float(tau))
+            )
         w_hat = unit_rows(proxies.to(dtype))
-        value = impl.similarity_loss(x_hat, w_hat, labels.long(), spec)
+        value = first_order_guard(impl, impl.similarity_loss(x_hat, w_hat, labels.long(), spec))
         if tau and proxies_per_class > 1:
             reg_dtype = torch.float32 if dtype in _HALF else dtype
             value = value + tau * unit_proxy_regularizer(w_hat.to(reg_dtype), proxies_per_class)

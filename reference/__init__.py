@@ -18,6 +18,7 @@ from reference.losses import (
     proxy_regularizer,
     soft_triple_loss,
     soft_triple_similarity_loss,
+    unit_class_similarity,
 )
 
 __all__ = [
@@ -34,4 +35,5 @@ __all__ = [
     "proxy_regularizer",
     "soft_triple_loss",
     "soft_triple_similarity_loss",
+    "unit_class_similarity",
 ]
