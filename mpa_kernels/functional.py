@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from mpa_kernels._checks import check_inputs
+from mpa_kernels._checks import NORM_EPS, check_inputs, check_proxies
 from mpa_kernels._spec import LossSpec, check_int, check_loss_hyperparameters, check_number
 from mpa_kernels.backends import _MODULES, check_backend_name, resolve
 
@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 _REGULARIZER_EPS = 1e-12
-_NORM_EPS = 1e-12  # F.normalize's
+_NORM_EPS = NORM_EPS  # F.normalize's; the input checks refuse rows that short
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -118,12 +118,18 @@ def unit_proxy_regularizer(w_hat: torch.Tensor, proxies_per_class: int) -> torch
     return dist.sum() / (w.shape[0] * k * (k - 1))
 
 
-def proxy_regularizer(proxies: torch.Tensor, proxies_per_class: int) -> torch.Tensor:
+def proxy_regularizer(
+    proxies: torch.Tensor, proxies_per_class: int, *, validate: bool = True
+) -> torch.Tensor:
     """Eq. 3: mean over same-class proxy pairs ``t < s`` of ``sqrt(2 - 2 w_cs . w_ct)``.
 
     Normalised by ``C * K * (K - 1)`` as in the paper (twice the number of pairs), with a tiny
     constant under the root so that identical proxies have a finite gradient. Zero for ``K = 1``.
+    ``proxies`` is checked as the losses check it; ``validate=False`` skips the value checks
+    (finite rows, none of them zero).
     """
+    check_int("proxies_per_class", proxies_per_class)
+    check_proxies(proxies, proxies_per_class, validate)
     return unit_proxy_regularizer(unit_rows(proxies), proxies_per_class)
 
 
