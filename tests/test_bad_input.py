@@ -197,3 +197,18 @@ def test_proxy_regularizer_validate_false():
     w[3, 0] = float("nan")
     assert torch.isnan(MF.proxy_regularizer(w, 2, validate=False))
 
+
+def test_bf16_through_the_interpreter_is_refused_by_triton_linear():
+    """The interpreter's bf16 tl.dot is wrong (a loss of 19 came back as 1e12); triton-linear is
+    built on it. The "triton" backend has no tl.dot and takes bf16 there (its equivalence test in
+    bf16 runs under the interpreter)."""
+    from mpa_kernels.backends import BackendUnavailableError, triton_interpreting
+
+    if not triton_interpreting():
+        pytest.skip("the refusal is for the Triton interpreter; compiled bf16 is allowed")
+    x, labels, w = _ok(d=16)
+    with pytest.raises(BackendUnavailableError, match="bfloat16 through the Triton interpreter"):
+        _call(x.bfloat16(), labels, w.bfloat16(), backend="triton-linear")
+    value = _call(x.bfloat16(), labels, w.bfloat16(), backend="triton")
+    expected = _call(x.bfloat16().double(), labels, w.bfloat16().double())
+    assert abs(value.item() - expected.item()) < 0.05 * expected.item()
