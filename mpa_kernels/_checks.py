@@ -15,7 +15,7 @@ import torch
 
 
 # Rows at most this long are "zero": normalising them (as F.normalize does) divides by this instead
-# of their norm, so the row does not become a unit vector and its gradient is scaled by 1 / NORM_EPS.
+# of their norm, so the row does not become a unit vector and its gradient is scaled by 1/NORM_EPS.
 NORM_EPS = 1e-12
 
 

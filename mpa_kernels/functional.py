@@ -35,14 +35,13 @@ class _UnitRows(torch.autograd.Function):
     ``F.normalize`` keeps the graph of a norm, a clamp, an expand and a division, whose backward
     materialises several tensors of the proxies' size (C*K*d: 221 MiB at SOP scale with K = 10).
     Here the backward is one fused expression, ``(g - u (u . g)) / ||v||`` (the projection of ``g``
-    off ``u``, scaled), and ``g / eps`` for rows whose norm was clamped. It keeps ``v`` (which the
-    caller holds anyway: the proxies, or the embeddings) rather than ``u``, and rebuilds
-    ``u = v / ||v||`` inside that expression.
+    off ``u``, scaled), and ``g / eps`` for rows whose norm was clamped.
 
     Under ``create_graph=True`` (a Hessian-vector product, a gradient penalty) the same expression
     is evaluated in differentiable operations with ``1 / ||v||`` recomputed from ``v``, so that the
     second derivative sees the norm depend on ``v``; treating it as a constant is off by tens of
-    percent.
+    percent. For that ``v`` is kept too, which costs nothing when the caller holds it anyway (the
+    proxies, the embeddings).
     """
 
     @staticmethod
@@ -50,20 +49,20 @@ class _UnitRows(torch.autograd.Function):
         norm = torch.linalg.vector_norm(v, dim=1, keepdim=True)
         unclamped = norm > _NORM_EPS
         inv = norm.clamp_min_(_NORM_EPS).reciprocal_()
-        ctx.save_for_backward(v, inv, unclamped)
-        return v * inv
+        u = v * inv
+        ctx.save_for_backward(v, u, inv, unclamped)
+        return u
 
     @staticmethod
     def backward(ctx, g: torch.Tensor) -> torch.Tensor:
-        v, inv, unclamped = ctx.saved_tensors
+        v, u, inv, unclamped = ctx.saved_tensors
         if torch.is_grad_enabled():
             inv = torch.linalg.vector_norm(v, dim=1, keepdim=True).clamp_min(_NORM_EPS).reciprocal()
             u = v * inv
             dot = torch.linalg.vecdot(u, g, dim=1).unsqueeze(1) * unclamped
             return (g - u * dot) * inv
-        # (g - u (u . g)) / ||v|| with u . g = (v . g) / ||v||, in one tensor of v's size.
-        dot = torch.linalg.vecdot(v, g, dim=1).unsqueeze(1).mul_(inv).mul_(unclamped)
-        return (v * (dot.mul_(inv).neg_())).add_(g).mul_(inv)
+        dot = torch.linalg.vecdot(u, g, dim=1).unsqueeze(1).mul_(unclamped)
+        return torch.addcmul(g, u, dot, value=-1.0).mul_(inv)
 
 
 def unit_rows(v: torch.Tensor) -> torch.Tensor:
@@ -87,9 +86,9 @@ class _FirstDerivativesOnly(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor):
         if torch.is_grad_enabled():
             raise RuntimeError(
-                f"backend {ctx.backend!r} gives first derivatives only, and this backward was asked "
-                "to build a graph for second ones (create_graph=True: a Hessian-vector product, a "
-                "gradient penalty); use backend='reference' for second derivatives"
+                f"backend {ctx.backend!r} gives first derivatives only, and this backward was "
+                "asked to build a graph for second ones (create_graph=True: a Hessian-vector "
+                "product, a gradient penalty); use backend='reference' for second derivatives"
             )
         return g, None
 

@@ -18,7 +18,6 @@ from reference.losses import (
     proxy_regularizer,
     soft_triple_loss,
     soft_triple_similarity_loss,
-    unit_class_similarity,
 )
 
 __all__ = [
@@ -35,5 +34,4 @@ __all__ = [
     "proxy_regularizer",
     "soft_triple_loss",
     "soft_triple_similarity_loss",
-    "unit_class_similarity",
 ]

@@ -187,12 +187,12 @@ def test_every_proxy_layout_gives_the_same_loss_and_gradient(name):
         torch.testing.assert_close(g, g0, rtol=1e-12, atol=1e-14)
 
 
-def test_unit_class_similarity_does_not_normalise_again():
+def test_class_similarity_without_normalising():
     """The form the library's reference backend calls with rows it has already normalised."""
     x, _, w = _inputs()
     xn, wn = torch.nn.functional.normalize(x, dim=1), torch.nn.functional.normalize(w, dim=1)
-    torch.testing.assert_close(reference.unit_class_similarity(xn, wn, 3),
+    torch.testing.assert_close(reference.class_similarity(xn, wn, 3, normalise=False),
                                reference.class_similarity(x, w, 3), rtol=1e-14, atol=1e-15)
     # Not normalised: scaling a row scales its similarities.
-    S = reference.unit_class_similarity(2.0 * xn, wn, 3, "mean")
+    S = reference.class_similarity(2.0 * xn, wn, 3, "mean", normalise=False)
     torch.testing.assert_close(S, 2.0 * reference.class_similarity(x, w, 3, "mean"))

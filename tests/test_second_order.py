@@ -63,8 +63,12 @@ def test_hessian_vector_product_matches_finite_differences(name):
     gx, gw = grads(x, w, create_graph=True)
     hx, hw = torch.autograd.grad((gx * vx).sum() + (gw * vw).sum(), (x, w))
     eps = 1e-6
-    plus = grads((x + eps * vx).detach().requires_grad_(), (w + eps * vw).detach().requires_grad_())
-    minus = grads((x - eps * vx).detach().requires_grad_(), (w - eps * vw).detach().requires_grad_())
+
+    def shifted(sign):
+        return grads((x + sign * eps * vx).detach().requires_grad_(),
+                     (w + sign * eps * vw).detach().requires_grad_())
+
+    plus, minus = shifted(1.0), shifted(-1.0)
     for h, p, m in zip((hx, hw), plus, minus):
         fd = (p - m) / (2 * eps)
         assert ((h - fd).norm() / fd.norm()).item() < 1e-6

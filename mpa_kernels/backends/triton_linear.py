@@ -68,7 +68,9 @@ def similarity_loss(
 
     reason = dtype_unavailable_reason(x_hat.dtype)
     if reason is not None:
-        raise BackendUnavailableError(f"backend 'triton-linear' cannot run on {x_hat.device}: {reason}")
+        raise BackendUnavailableError(
+            f"backend 'triton-linear' cannot run on {x_hat.device}: {reason}"
+        )
     value = fused_linear_loss(
         x_hat, w_hat, labels, spec,
         deterministic=DETERMINISTIC if deterministic is None else deterministic,
