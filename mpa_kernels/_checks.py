@@ -1,14 +1,22 @@
 """Input checks shared by every loss and backend.
 
 The structural checks (types, ranks, shapes, devices) cost nothing and always run. The value checks
-(labels in range, finite embeddings) read the data, which on CUDA means a host synchronisation; the
+(labels in range; rows of embeddings and proxies finite, not zero, their norms not overflowing) read
+the data, which on CUDA means a host synchronisation; the
 ``validate=False`` switch turns them off for speed. Without them a kernel would read out of bounds
 or return NaN, so they are on by default.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+
+# Rows at most this long are "zero": normalising them (as F.normalize does) divides by this instead
+# of their norm, so the row does not become a unit vector and its gradient is scaled by 1/NORM_EPS.
+NORM_EPS = 1e-12
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -16,6 +24,34 @@ def all_finite(t: torch.Tensor) -> bool:
     infinities) and one host sync, without ``isfinite``'s tensor-sized temporaries (the proxies
     can be gigabytes)."""
     return bool(torch.isfinite(torch.stack([t.amax(), t.amin()])).all())
+
+
+def check_row_norms(t: torch.Tensor, name: str, norms: torch.Tensor | None = None) -> None:
+    """Every row of ``t`` has a finite L2 norm above :data:`NORM_EPS`, i.e. a direction that
+    normalisation can find: no NaN or infinity, no row of zeros (whose cosine similarity is
+    undefined and whose gradient would be about ``1 / NORM_EPS``), no row whose norm overflows
+    ``t``'s dtype (it would normalise to zeros). The losses and the metrics share it, so one input
+    gets one answer everywhere.
+
+    One pass over ``t`` (its row norms, unless given as ``norms``) and one host sync; the slower
+    diagnosis runs only when a row fails.
+    """
+    if norms is None:
+        norms = torch.linalg.vector_norm(t, dim=1)
+    lo, hi = torch.stack([norms.amin(), norms.amax()]).tolist()
+    if not math.isfinite(hi):
+        if not all_finite(t):
+            raise ValueError(f"{name} contain NaN or infinite values")
+        row = int(norms.reshape(-1).isinf().nonzero()[0])
+        raise ValueError(
+            f"{name} row {row} has an L2 norm that overflows {t.dtype}: scale it down"
+        )
+    if lo <= NORM_EPS:
+        row = int(norms.reshape(-1).argmin())
+        raise ValueError(
+            f"{name} has a row of zeros (row {row}: L2 norm {lo:.3g}, at most {NORM_EPS:g}); it "
+            "has no direction, so its cosine similarity is undefined"
+        )
 
 
 def check_embeddings_and_labels(
@@ -46,8 +82,8 @@ def check_embeddings_and_labels(
         raise ValueError(
             f"{name} has {embeddings.shape[0]} rows but {labels_name} has {labels.shape[0]} entries"
         )
-    if validate and not all_finite(embeddings):
-        raise ValueError(f"{name} contain NaN or infinite values")
+    if validate:
+        check_row_norms(embeddings, name)
 
 
 def check_inputs(
@@ -59,12 +95,7 @@ def check_inputs(
 ) -> int:
     """Check the tensors of one loss call; return the number of classes ``C``."""
     check_embeddings_and_labels(embeddings, labels, validate)
-    if not isinstance(proxies, torch.Tensor):
-        raise TypeError(f"proxies must be a torch.Tensor, got {type(proxies).__name__}")
-    if proxies.dim() != 2:
-        raise ValueError(f"proxies must have shape (C * K, d), got {tuple(proxies.shape)}")
-    if not proxies.is_floating_point():
-        raise TypeError(f"proxies must be a floating-point tensor, got {proxies.dtype}")
+    num_classes = check_proxies(proxies, proxies_per_class, validate=False)
     if embeddings.shape[1] != proxies.shape[1]:
         raise ValueError(
             f"embedding size {embeddings.shape[1]} differs from the proxies' {proxies.shape[1]}"
@@ -74,12 +105,6 @@ def check_inputs(
             "embeddings, labels and proxies must be on one device, got "
             f"{embeddings.device}, {labels.device} and {proxies.device}"
         )
-    if proxies.shape[0] % proxies_per_class:
-        raise ValueError(
-            f"proxies has {proxies.shape[0]} rows, not a multiple of proxies_per_class="
-            f"{proxies_per_class}"
-        )
-    num_classes = proxies.shape[0] // proxies_per_class
     if num_classes < 2:
         raise ValueError(f"need at least 2 classes, got {num_classes}")
     if validate:
@@ -88,6 +113,28 @@ def check_inputs(
             raise ValueError(
                 f"labels must lie in [0, {num_classes}), got values in [{lo}, {hi}]"
             )
-        if not all_finite(proxies):
-            raise ValueError("proxies contain NaN or infinite values")
+        check_row_norms(proxies, "proxies")
     return num_classes
+
+
+def check_proxies(proxies: torch.Tensor, proxies_per_class: int, validate: bool = True) -> int:
+    """Check ``(C * K, d)`` proxies (with ``validate``, their values too); return ``C``.
+
+    Used by the losses and by the proxy regulariser on its own.
+    """
+    if not isinstance(proxies, torch.Tensor):
+        raise TypeError(f"proxies must be a torch.Tensor, got {type(proxies).__name__}")
+    if proxies.dim() != 2:
+        raise ValueError(f"proxies must have shape (C * K, d), got {tuple(proxies.shape)}")
+    if not proxies.is_floating_point():
+        raise TypeError(f"proxies must be a floating-point tensor, got {proxies.dtype}")
+    if proxies.shape[0] == 0 or proxies.shape[1] == 0:
+        raise ValueError(f"proxies must not be empty, got shape {tuple(proxies.shape)}")
+    if proxies.shape[0] % proxies_per_class:
+        raise ValueError(
+            f"proxies has {proxies.shape[0]} rows, not a multiple of proxies_per_class="
+            f"{proxies_per_class}"
+        )
+    if validate:
+        check_row_norms(proxies, "proxies")
+    return proxies.shape[0] // proxies_per_class

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from mpa_kernels._checks import check_inputs
+from mpa_kernels._checks import NORM_EPS, check_inputs, check_proxies
 from mpa_kernels._spec import LossSpec, check_int, check_loss_hyperparameters, check_number
-from mpa_kernels.backends import check_backend_name, resolve
+from mpa_kernels.backends import _MODULES, check_backend_name, resolve
 
 __all__ = [
     "mpa_loss",
@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 _REGULARIZER_EPS = 1e-12
-_NORM_EPS = 1e-12  # F.normalize's
+_NORM_EPS = NORM_EPS  # F.normalize's; the input checks refuse rows that short
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -36,6 +36,12 @@ class _UnitRows(torch.autograd.Function):
     materialises several tensors of the proxies' size (C*K*d: 221 MiB at SOP scale with K = 10).
     Here the backward is one fused expression, ``(g - u (u . g)) / ||v||`` (the projection of ``g``
     off ``u``, scaled), and ``g / eps`` for rows whose norm was clamped.
+
+    Under ``create_graph=True`` (a Hessian-vector product, a gradient penalty) the same expression
+    is evaluated in differentiable operations with ``1 / ||v||`` recomputed from ``v``, so that the
+    second derivative sees the norm depend on ``v``; treating it as a constant is off by tens of
+    percent. For that ``v`` is kept too, which costs nothing when the caller holds it anyway (the
+    proxies, the embeddings).
     """
 
     @staticmethod
@@ -44,19 +50,58 @@ class _UnitRows(torch.autograd.Function):
         unclamped = norm > _NORM_EPS
         inv = norm.clamp_min_(_NORM_EPS).reciprocal_()
         u = v * inv
-        ctx.save_for_backward(u, inv, unclamped)
+        ctx.save_for_backward(v, u, inv, unclamped)
         return u
 
     @staticmethod
     def backward(ctx, g: torch.Tensor) -> torch.Tensor:
-        u, inv, unclamped = ctx.saved_tensors
+        v, u, inv, unclamped = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            inv = torch.linalg.vector_norm(v, dim=1, keepdim=True).clamp_min(_NORM_EPS).reciprocal()
+            u = v * inv
+            dot = torch.linalg.vecdot(u, g, dim=1).unsqueeze(1) * unclamped
+            return (g - u * dot) * inv
         dot = torch.linalg.vecdot(u, g, dim=1).unsqueeze(1).mul_(unclamped)
         return torch.addcmul(g, u, dot, value=-1.0).mul_(inv)
 
 
 def unit_rows(v: torch.Tensor) -> torch.Tensor:
-    """Rows of ``v`` scaled to unit L2 norm (as ``F.normalize(v, dim=1)``, leaner backward)."""
+    """Rows of ``v`` scaled to unit L2 norm (as ``F.normalize(v, dim=1)``, leaner backward, and
+    twice differentiable)."""
     return _UnitRows.apply(v)
+
+
+class _FirstDerivativesOnly(torch.autograd.Function):
+    """The identity on the loss of a backend whose backward is not itself differentiable (a Triton
+    kernel, a hand-written backward): asked for a graph of its gradient (``create_graph=True``),
+    it refuses at once, instead of letting that graph treat the backend's gradient as a constant
+    (a second derivative that is silently wrong) or fail later naming an internal operator."""
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, backend: str) -> torch.Tensor:
+        ctx.backend = backend
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"backend {ctx.backend!r} gives first derivatives only, and this backward was "
+                "asked to build a graph for second ones (create_graph=True: a Hessian-vector "
+                "product, a gradient penalty); use backend='reference' for second derivatives"
+            )
+        return g, None
+
+
+_BACKEND_NAMES = {module: name for name, module in _MODULES.items()}
+
+
+def first_order_guard(impl, value: torch.Tensor) -> torch.Tensor:
+    """``value`` from backend module ``impl``, guarded unless the backend declares
+    ``SECOND_DERIVATIVES = True`` (its gradient is itself differentiable)."""
+    if getattr(impl, "SECOND_DERIVATIVES", False):
+        return value
+    return _FirstDerivativesOnly.apply(value, _BACKEND_NAMES.get(impl.__name__, impl.__name__))
 
 
 def unit_proxy_regularizer(w_hat: torch.Tensor, proxies_per_class: int) -> torch.Tensor:
@@ -72,12 +117,18 @@ def unit_proxy_regularizer(w_hat: torch.Tensor, proxies_per_class: int) -> torch
     return dist.sum() / (w.shape[0] * k * (k - 1))
 
 
-def proxy_regularizer(proxies: torch.Tensor, proxies_per_class: int) -> torch.Tensor:
+def proxy_regularizer(
+    proxies: torch.Tensor, proxies_per_class: int, *, validate: bool = True
+) -> torch.Tensor:
     """Eq. 3: mean over same-class proxy pairs ``t < s`` of ``sqrt(2 - 2 w_cs . w_ct)``.
 
     Normalised by ``C * K * (K - 1)`` as in the paper (twice the number of pairs), with a tiny
     constant under the root so that identical proxies have a finite gradient. Zero for ``K = 1``.
+    ``proxies`` is checked as the losses check it; ``validate=False`` skips the value checks
+    (finite rows, none of them zero).
     """
+    check_int("proxies_per_class", proxies_per_class)
+    check_proxies(proxies, proxies_per_class, validate)
     return unit_proxy_regularizer(unit_rows(proxies), proxies_per_class)
 
 
@@ -112,9 +163,11 @@ def _proxy_loss(
         if hasattr(impl, "proxy_loss"):
             # The backend normalises the proxies and adds the regulariser inside its own sweep,
             # so that no C*K*d copy of them (nor of their gradient) is ever made.
-            return impl.proxy_loss(x_hat, proxies.to(dtype), labels.long(), spec, float(tau))
+            return first_order_guard(
+                impl, impl.proxy_loss(x_hat, proxies.to(dtype), labels.long(), spec, float(tau))
+            )
         w_hat = unit_rows(proxies.to(dtype))
-        value = impl.similarity_loss(x_hat, w_hat, labels.long(), spec)
+        value = first_order_guard(impl, impl.similarity_loss(x_hat, w_hat, labels.long(), spec))
         if tau and proxies_per_class > 1:
             reg_dtype = torch.float32 if dtype in _HALF else dtype
             value = value + tau * unit_proxy_regularizer(w_hat.to(reg_dtype), proxies_per_class)

@@ -196,15 +196,12 @@ def _compute_dtype(*embeddings: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(e.dtype == torch.float64 for e in embeddings) else torch.float32
 
 
-def _normalise(
-    embeddings: torch.Tensor, name: str, device: torch.device, dtype: torch.dtype
-) -> torch.Tensor:
-    """L2-normalised copy in ``dtype`` on ``device``; a row of zeros is an error."""
+def _normalise(embeddings: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """L2-normalised copy in ``dtype`` on ``device``. Rows without a direction (zero, or a norm
+    that overflows) were refused by :func:`check_embeddings_and_labels`, as the losses refuse
+    them."""
     x = embeddings.to(device=device, dtype=dtype)
-    norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
-    if bool((norms == 0).any()):
-        raise ValueError(f"{name} has a row of zeros; its cosine similarity is undefined")
-    return x / norms
+    return x / torch.linalg.vector_norm(x, dim=1, keepdim=True)
 
 
 def _block_rows(num_searched: int, search_depth: int, width: int, element_size: int) -> int:
@@ -294,10 +291,10 @@ def retrieval_metrics(
 
     dtype = _compute_dtype(embeddings, reference_embeddings)
     if same_source:
-        searched = queries = _normalise(embeddings, "embeddings", device, dtype)
+        searched = queries = _normalise(embeddings, device, dtype)
     else:
-        searched = _normalise(reference_embeddings, "reference_embeddings", device, dtype)
-        queries = _normalise(embeddings, "embeddings", device, dtype)
+        searched = _normalise(reference_embeddings, device, dtype)
+        queries = _normalise(embeddings, device, dtype)
     searched_labels = reference_labels.to(device=device, dtype=torch.int64)
     query_labels = labels.to(device=device, dtype=torch.int64)
 
@@ -389,7 +386,7 @@ def nmi(embeddings: torch.Tensor, labels: torch.Tensor, *, seed: int = 0) -> flo
     from sklearn.cluster import KMeans
     from sklearn.metrics import normalized_mutual_info_score
 
-    x = _normalise(embeddings, "embeddings", torch.device("cpu"), torch.float32).numpy()
+    x = _normalise(embeddings, torch.device("cpu"), torch.float32).numpy()
     y = labels.cpu().numpy()
     num_classes = len(set(y.tolist()))
     clusters = KMeans(n_clusters=num_classes, n_init=1, random_state=seed).fit_predict(x)

@@ -62,15 +62,19 @@ def class_similarity(
     proxies_per_class: int,
     similarity: str = "softmax",
     gamma: float = 0.1,
+    normalise: bool = True,
 ) -> torch.Tensor:
     """Similarity ``S(x_i, c)`` between each sample and each class, eq. 1. Returns ``(N, C)``.
 
     ``similarity="softmax"`` is eq. 1: ``S_ic = sum_k softmax_k(s_ick / gamma) * s_ick``.
     ``"max"`` (``max_k s_ick``) and ``"mean"`` (``mean_k s_ick``) are the alternatives the paper
-    mentions. With one proxy per class every mode gives ``S = s``.
+    mentions. With one proxy per class every mode gives ``S = s``. ``normalise=False`` is for
+    rows that are unit vectors already: normalising them again changes no value but divides the
+    gradient of a clamped (zero) row by ``eps`` a second time.
     """
-    x = F.normalize(embeddings, dim=1)
-    w = F.normalize(proxies, dim=1)
+    x, w = embeddings, proxies
+    if normalise:
+        x, w = F.normalize(x, dim=1), F.normalize(w, dim=1)
     s = (x @ w.T).view(x.shape[0], -1, proxies_per_class)  # (N, C, K)
     if similarity == "softmax":
         p = torch.softmax(s / gamma, dim=2)

@@ -240,3 +240,20 @@ def test_auto_on_cuda_prefers_fused_linear_for_large_similarity_tensors(monkeypa
     # 2 * 1024 * 400000 * 2 bytes = 1.6 GiB of s and ds: never stored by the fused-linear kernels.
     assert backends.auto_backend(cuda, large, batch_size=1024, element_size=2) == "triton-linear"
     assert backends.auto_backend(cuda, large) == "triton"  # no shape given: no size rule
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton", "triton-linear"])
+def test_backends_normalise_each_input_once(backend):
+    """Past the checks (validate=False), a row of zeros gets the gradient of one clamped
+    normalisation, g / eps, on every backend, as the plain oracle gives it (the reference backend
+    used to normalise the normalised rows again: 1e24 against the others' 1e12)."""
+    x, labels = _batch(dtype=torch.float32)
+    x[4] = 0.0
+    w = torch.randn(18, 8)
+    oracle_x = x.double().requires_grad_(True)
+    reference.mpa_ap_loss(oracle_x, labels, w.double(), 3).backward()
+    xb = x.clone().requires_grad_(True)
+    MF.mpa_ap_loss(xb, labels, w, proxies_per_class=3, backend=backend, validate=False).backward()
+    expected = oracle_x.grad[4].abs().max().item()
+    assert 1e10 < expected < 1e14
+    assert xb.grad[4].abs().max().item() == pytest.approx(expected, rel=1e-3)

@@ -117,3 +117,98 @@ def test_module_checks_its_inputs(cls):
         loss_fn(torch.randn(3, 5), torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):
         loss_fn(torch.randn(3, 8), torch.tensor([0, 1, 4]))
+
+
+BACKENDS = ("reference", "torch", "triton", "triton-linear")
+
+
+def _message(call):
+    with pytest.raises(ValueError) as info:
+        call()
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    "what,row_value",
+    [("zero", 0.0), ("tiny", 1e-14), ("underflowing", 1e-30)],
+)
+def test_rows_without_direction_get_one_error_everywhere(what, row_value):
+    """A row that normalisation cannot turn into a unit vector (its gradient would be ~1/eps, and
+    backends disagreed by 1e12 on it) is refused, with one message on every backend, by the
+    regulariser and by the metrics."""
+    x, labels, w = _ok()
+    x[3] = row_value
+    messages = {_message(lambda: _call(x, labels, w, backend=b)) for b in BACKENDS}
+    messages.add(_message(lambda: mpa_kernels.metrics.evaluate(x, labels)))
+    assert len(messages) == 1
+    assert messages.pop().startswith("embeddings has a row of zeros (row 3: L2 norm")
+    x, labels, w = _ok()
+    w[5] = row_value
+    messages = {_message(lambda: _call(x, labels, w, backend=b)) for b in BACKENDS}
+    messages.add(_message(lambda: MF.proxy_regularizer(w, 2)))
+    assert len(messages) == 1
+    assert messages.pop().startswith("proxies has a row of zeros (row 5: L2 norm")
+
+
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e20), (torch.float16, 6e3)])
+def test_rows_whose_norm_overflows_are_refused(dtype, scale):
+    """Finite rows whose norm overflows their dtype would normalise to zeros, silently."""
+    x, labels, w = _ok(d=128)
+    x[1] = scale
+    x = x.to(dtype)
+    assert torch.isfinite(x).all()
+    for backend in BACKENDS:
+        with pytest.raises(ValueError, match=rf"embeddings row 1 has an L2 norm that overflows "
+                                             rf"{dtype}"):
+            _call(x, labels, w.to(dtype), backend=backend)
+    with pytest.raises(ValueError, match="embeddings row 1 has an L2 norm that overflows"):
+        mpa_kernels.metrics.evaluate(x, labels)
+
+
+def test_validate_false_skips_the_row_checks():
+    x, labels, w = _ok()
+    x[3] = 0.0
+    assert torch.isfinite(_call(x, labels, w, validate=False))
+
+
+@pytest.mark.parametrize(
+    "proxies,k,exc,match",
+    [
+        (torch.randn(8, 4), True, TypeError, "proxies_per_class must be an int"),
+        (torch.randn(8, 4), 2.0, TypeError, "proxies_per_class must be an int"),
+        (torch.randn(8, 4), 0, ValueError, "proxies_per_class must be at least 1"),
+        (torch.randn(7, 4), 2, ValueError, "7 rows, not a multiple of proxies_per_class=2"),
+        (torch.randn(2, 4, 4), 2, ValueError, r"proxies must have shape \(C \* K, d\)"),
+        (torch.randn(8), 2, ValueError, r"proxies must have shape \(C \* K, d\)"),
+        (torch.randn(8, 0), 2, ValueError, "proxies must not be empty"),
+        (torch.randn(8, 4).tolist(), 2, TypeError, "proxies must be a torch.Tensor"),
+        (torch.ones(8, 4, dtype=torch.long), 2, TypeError, "proxies must be a floating-point"),
+        (torch.randn(8, 4).index_fill(0, torch.tensor([3]), float("nan")), 2, ValueError,
+         "proxies contain NaN or infinite values"),
+    ],
+)
+def test_proxy_regularizer_checks_its_inputs(proxies, k, exc, match):
+    with pytest.raises(exc, match=match):
+        MF.proxy_regularizer(proxies, k)
+
+
+def test_proxy_regularizer_validate_false():
+    w = torch.randn(8, 4)
+    w[3, 0] = float("nan")
+    assert torch.isnan(MF.proxy_regularizer(w, 2, validate=False))
+
+
+def test_bf16_through_the_interpreter_is_refused_by_triton_linear():
+    """The interpreter's bf16 tl.dot is wrong (a loss of 19 came back as 1e12); triton-linear is
+    built on it. The "triton" backend has no tl.dot and takes bf16 there (its equivalence test in
+    bf16 runs under the interpreter)."""
+    from mpa_kernels.backends import BackendUnavailableError, triton_interpreting
+
+    if not triton_interpreting():
+        pytest.skip("the refusal is for the Triton interpreter; compiled bf16 is allowed")
+    x, labels, w = _ok(d=16)
+    with pytest.raises(BackendUnavailableError, match="bfloat16 through the Triton interpreter"):
+        _call(x.bfloat16(), labels, w.bfloat16(), backend="triton-linear")
+    value = _call(x.bfloat16(), labels, w.bfloat16(), backend="triton")
+    expected = _call(x.bfloat16().double(), labels, w.bfloat16().double())
+    assert abs(value.item() - expected.item()) < 0.05 * expected.item()

@@ -150,3 +150,49 @@ def test_regularizer_value():
     w = torch.tensor([[1.0, 0.0], [0.0, 3.0]], dtype=F64)
     assert reference.proxy_regularizer(w, 2).item() == pytest.approx(2**0.5 / 2, rel=1e-12)
     assert reference.proxy_regularizer(w, 1).item() == 0.0
+
+
+def _layouts(rows, cols):
+    """The same (rows, cols) values as a contiguous tensor, a transposed Parameter, and strided
+    views of larger tensors."""
+    base = torch.randn(rows, cols, dtype=F64)
+    wide = torch.zeros(rows, 2 * cols, dtype=F64)
+    wide[:, ::2] = base
+    tall = torch.zeros(2 * rows, cols, dtype=F64)
+    tall[1::2] = base
+    return base, {
+        "transposed Parameter": torch.nn.Parameter(base.t().contiguous()).t(),
+        "column step 2": wide[:, ::2],
+        "row step 2": tall[1::2],
+    }
+
+
+@pytest.mark.parametrize("name", sorted(MULTI_PROXY) + ["proxy_regularizer"])
+def test_every_proxy_layout_gives_the_same_loss_and_gradient(name):
+    x, labels, _ = _inputs()
+    base, layouts = _layouts(15, 6)
+    if name == "proxy_regularizer":
+        fn = lambda w: reference.proxy_regularizer(w, 3)  # noqa: E731
+    else:
+        fn = lambda w: MULTI_PROXY[name](x, labels, w, 3)  # noqa: E731
+    w0 = base.clone().requires_grad_(True)
+    expected = fn(w0)
+    (g0,) = torch.autograd.grad(expected, w0)
+    for layout, w in layouts.items():
+        assert not w.is_contiguous(), layout
+        leaf = w.detach().requires_grad_(True)
+        value = fn(leaf)
+        (g,) = torch.autograd.grad(value, leaf)
+        assert value.item() == pytest.approx(expected.item(), rel=1e-13), layout
+        torch.testing.assert_close(g, g0, rtol=1e-12, atol=1e-14)
+
+
+def test_class_similarity_without_normalising():
+    """The form the library's reference backend calls with rows it has already normalised."""
+    x, _, w = _inputs()
+    xn, wn = torch.nn.functional.normalize(x, dim=1), torch.nn.functional.normalize(w, dim=1)
+    torch.testing.assert_close(reference.class_similarity(xn, wn, 3, normalise=False),
+                               reference.class_similarity(x, w, 3), rtol=1e-14, atol=1e-15)
+    # Not normalised: scaling a row scales its similarities.
+    S = reference.class_similarity(2.0 * xn, wn, 3, "mean", normalise=False)
+    torch.testing.assert_close(S, 2.0 * reference.class_similarity(x, w, 3, "mean"))

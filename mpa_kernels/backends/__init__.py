@@ -12,6 +12,9 @@ A backend is a module in this package that defines
   *raw* proxies (similarity term plus ``tau`` times the regulariser of eq. 3), for a backend that
   fuses the proxies' normalisation and the regulariser into its own sweep; the front end then
   calls it instead of ``similarity_loss``;
+* optionally ``SECOND_DERIVATIVES = True`` if its gradient is itself differentiable (double
+  backward, ``create_graph=True``); without it the front end refuses ``create_graph=True`` with a
+  clear error rather than return a second derivative that treats the gradient as a constant;
 * optionally ``unsupported_reason(spec) -> str | None``: why it cannot compute this loss (a kernel
   limit such as the number of proxies per class); ``"auto"`` then moves on to the next backend.
 

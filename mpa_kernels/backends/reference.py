@@ -12,6 +12,7 @@ import reference
 from mpa_kernels._spec import LossSpec
 
 LOW_PRECISION = False
+SECOND_DERIVATIVES = True  # autograd through plain torch operations, differentiable again
 
 _SIMILARITY_LOSSES = {
     "mpa": reference.mpa_similarity_loss,
@@ -30,5 +31,8 @@ def unavailable_reason(device: torch.device) -> str | None:
 def similarity_loss(
     x_hat: torch.Tensor, w_hat: torch.Tensor, labels: torch.Tensor, spec: LossSpec
 ) -> torch.Tensor:
-    S = reference.class_similarity(x_hat, w_hat, spec.proxies_per_class, spec.similarity, spec.gamma)
+    # x_hat and w_hat are unit rows already: normalising them again would divide the gradient of a
+    # clamped row by eps twice.
+    S = reference.class_similarity(x_hat, w_hat, spec.proxies_per_class, spec.similarity,
+                                   spec.gamma, normalise=False)
     return _SIMILARITY_LOSSES[spec.loss](S, labels, spec.alpha, spec.delta)

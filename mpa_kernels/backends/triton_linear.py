@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from mpa_kernels._spec import LossSpec
+from mpa_kernels.backends import BackendUnavailableError, triton_interpreting
 # Same requirements as the "triton" backend: Triton, and CUDA or the interpreter.
 from mpa_kernels.backends.triton_s import proxies_limit_reason, unavailable_reason  # noqa: F401
 
@@ -42,6 +43,17 @@ def unsupported_reason(spec: LossSpec) -> str | None:
     return proxies_limit_reason(spec, MAX_PROXIES_PER_CLASS)
 
 
+def dtype_unavailable_reason(dtype: torch.dtype) -> str | None:
+    """Why the kernels cannot compute in ``dtype`` here: the Triton interpreter's bf16 ``tl.dot``
+    returns garbage (a 16 x 16 product off by 1e10 with Triton 3.9), and these kernels are built on
+    ``tl.dot``. On a GPU bf16 is compiled and fine."""
+    if dtype == torch.bfloat16 and triton_interpreting():
+        return ("bfloat16 through the Triton interpreter (TRITON_INTERPRET=1) is refused: its bf16 "
+                "tl.dot gives wrong products. Use float16 or float32 there, or backend='triton', "
+                "which takes bf16 under the interpreter")
+    return None
+
+
 def similarity_loss(
     x_hat: torch.Tensor,
     w_hat: torch.Tensor,
@@ -54,6 +66,11 @@ def similarity_loss(
 ) -> torch.Tensor:
     from mpa_kernels.kernels.linear import fused_linear_loss
 
+    reason = dtype_unavailable_reason(x_hat.dtype)
+    if reason is not None:
+        raise BackendUnavailableError(
+            f"backend 'triton-linear' cannot run on {x_hat.device}: {reason}"
+        )
     value = fused_linear_loss(
         x_hat, w_hat, labels, spec,
         deterministic=DETERMINISTIC if deterministic is None else deterministic,
