@@ -1,7 +1,8 @@
 """Experiment configuration: one schema of keys, JSON files that set some, command-line overrides.
 
-A config is a flat dict. Its keys, types, defaults and help texts are the ``OPTIONS`` table below,
-the single source for validation and for ``--help``. Precedence, lowest first: the defaults here,
+A config is a flat dict. Its keys, types, defaults, admitted ranges and help texts are the
+``OPTIONS`` table below, the single source for validation and for ``--help``; everything is checked
+when the config is built, before any data is read. Precedence, lowest first: the defaults here,
 the config file, one ``suite`` entry of that file (a config may hold several experiments, as the
 embedded default does), then the command line (``--set key=value`` or ``--key value``), so a
 command-line override reaches every experiment of a suite.

@@ -74,7 +74,7 @@ def check_loss(cfg: dict, name: str, device: torch.device) -> None:
     try:
         with torch.random.fork_rng(devices=[]):
             criterion = make_loss(cfg, name, num_classes=2).to(device)
-            x = torch.randn(4, cfg["embedding_size"], device=device, requires_grad=True)
+            x = torch.randn(4, cfg["embedding_size"]).to(device).requires_grad_()
             criterion(x, torch.tensor([0, 1, 0, 1], device=device)).backward()
     except ConfigError:
         raise
