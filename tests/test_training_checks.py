@@ -35,6 +35,7 @@ from training.config import ConfigError
     (["--gamma", "-0.1"], "'gamma' must be > 0"),
     (["--tau", "-1"], "'tau' must be >= 0"),
     (["--delta", "NaN"], "'delta' must be finite"),
+    (["--delta", "-0.1"], "'delta' must be >= 0"),
     (["--proxies-per-class", "0"], "'proxies_per_class' must be >= 1"),
     (["--epochs", "0"], "'epochs' must be >= 1"),
     (["--eval-batch-size", "0"], "'eval_batch_size' must be >= 1"),
@@ -110,6 +111,8 @@ def _refusal(argv, capsys) -> str:
      "'pretrained': no file no/such.pth"),
     (["--experiments", "digits", "--losses", "mpa", "--seeds", "1", "--resume", "no/such.pt"],
      "checkpoint no/such.pt not found"),
+    (["--config", "cub", "--image-size", "40", "--resize-size", "48", "--losses", "mpa"],
+     "backbone 'bn_inception' cannot take a 40x40 image"),
 ])
 def test_refused_before_any_data_is_read(argv, message, capsys, no_data, tmp_path):
     line = _refusal(argv + ["--out-dir", str(tmp_path)], capsys)

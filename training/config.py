@@ -86,7 +86,7 @@ OPTIONS = (
     Option("loss_args", {}, "per-loss keyword overrides, e.g. {\"soft_triple\": {\"alpha\": 20}}"),
     Option("proxies_per_class", 10, "K, proxies per class (multi-proxy losses only)", at_least=1),
     Option("alpha", 32.0, "logit scale (SoftTriple's lambda)", above=0),
-    Option("delta", 0.1, "margin"),
+    Option("delta", 0.1, "margin", at_least=0),
     Option("gamma", 0.1, "temperature of the softmax over a class's K proxies", above=0),
     Option("tau", 0.2, "weight of the proxy regulariser (eq. 3)", at_least=0),
     Option("similarity", "softmax", "class similarity over the K proxies", SIMILARITIES),

@@ -22,6 +22,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -295,6 +296,23 @@ def resume_checkpoint(cfg: dict, loss: str, seed: int, directory: Path,
     return path, ckpt
 
 
+def check_network(cfg: dict) -> None:
+    """The network embeds one input of the configured shape (on the CPU, random weights): an
+    image size that a backbone's pooling cannot take is refused before any data is read."""
+    vectors = cfg["dataset"] == "synthetic"
+    size = cfg["image_size"]
+    shape = (2, cfg["synthetic_dim"]) if vectors else (2, 3, size, size)
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the random-initialisation note: said by the CLI
+        net = backbones.build(dict(cfg, pretrained=""), input_dim=shape[1] if vectors else None)
+        try:
+            net.eval()(torch.zeros(shape))
+        except RuntimeError as err:
+            reason = str(err).strip().splitlines()[0]
+            raise ConfigError(f"backbone {cfg['backbone']!r} cannot take a {size}x{size} image "
+                              f"(config key 'image_size'): {reason}") from None
+
+
 def check_experiment(cfg: dict, ctx: Context) -> None:
     """What can be checked of an experiment before its data is read: the losses run here with
     their arguments, the pretrained weights exist, and every checkpoint a run would resume from
@@ -303,6 +321,7 @@ def check_experiment(cfg: dict, ctx: Context) -> None:
         check_loss(cfg, loss, ctx.device)
     if cfg["pretrained"] and not Path(cfg["pretrained"]).is_file():
         raise ConfigError(f"config key 'pretrained': no file {cfg['pretrained']}")
+    check_network(cfg)
     for loss, seed, directory in runs(cfg):
         resume_checkpoint(cfg, loss, seed, directory, ctx)
 
