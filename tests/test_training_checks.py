@@ -18,6 +18,8 @@ from training.config import ConfigError
     (["--lr", "0"], "'lr' must be > 0"),
     (["--lr", "NaN"], "'lr' must be finite"),
     (["--proxy-lr", "Infinity"], "'proxy_lr' must be finite"),
+    (["--lr", "1e400"], "'lr' must be finite, got inf"),
+    (["--seeds", "true"], "'seeds' must be int, got True"),
     (["--proxy-lr", "-0.01"], "'proxy_lr' must be >= 0"),
     (["--lr-decay", "-1"], r"'lr_decay' must be in \(0, 1\]"),
     (["--lr-decay", "0"], r"'lr_decay' must be in \(0, 1\]"),
@@ -59,6 +61,7 @@ from training.config import ConfigError
     (["--recall-ks", "1,4,1"], r"'recall_ks' lists \[1\] more than once"),
     (["--losses", "mpa,mpa"], r"'losses' lists \['mpa'\] more than once"),
     (["--losses", "[]"], "'losses' must not be empty"),
+    (["--experiments", "digits,digits"], r"'experiments' lists \['digits'\] more than once"),
     (["--losses", "mpa,triplet"], "each item of config key 'losses' must be one of"),
     # where the runs go, and which run a checkpoint continues
     (["--name", "../../x"], "'name' must be a plain folder name"),
@@ -77,6 +80,7 @@ from training.config import ConfigError
     (["--backbone", "mlp", "--experiments", "digits"], "backbone 'mlp' does not fit dataset"),
     (["--pretrained", "w.pth", "--experiments", "digits"], "has no pretrained weights"),
     (["--set", "loss_args.mpa=3"], "loss_args.mpa must be a dict"),
+    (["--set", "loss_args=5"], "'loss_args' must be dict, got 5"),
     (["--set", "loss_args.soft_triple.alpha.x=1"], "loss_args.soft_triple.alpha holds 20.0"),
 ])
 def test_bad_setting_is_refused_naming_the_key(argv, message):
@@ -104,8 +108,9 @@ def _refusal(argv, capsys) -> str:
 
 @pytest.mark.parametrize("argv,message", [
     (["--lr-decay", "0"], "'lr_decay' must be in"),
-    (["--set", "loss_args.mpa.alpha=-1"], "loss 'mpa' .*alpha must be > 0"),
-    (["--set", "loss_args.proxy_nca.scale=0"], "loss 'proxy_nca' .*scale must be > 0"),
+    (["--set", "loss_args.mpa.alpha=-1"], "loss 'mpa': alpha must be > 0"),
+    (["--set", "loss_args.proxy_nca.scale=0"], "loss 'proxy_nca': scale must be > 0"),
+    (["--set", "loss_args.mpa.alpha=abc"], "loss 'mpa': alpha must be a real number"),
     (["--set", "loss_args.mpa.margin=0.1"], r"loss_args.mpa: \['margin'\] are not arguments"),
     (["--experiments", "digits", "--backbone", "resnet50", "--pretrained", "no/such.pth"],
      "'pretrained': no file no/such.pth"),

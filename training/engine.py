@@ -80,7 +80,7 @@ def check_loss(cfg: dict, name: str, device: torch.device) -> None:
     except ConfigError:
         raise
     except (TypeError, ValueError, BackendUnavailableError) as err:
-        raise ConfigError(f"loss {name!r} (backend {cfg['backend']!r}): {err}") from None
+        raise ConfigError(f"loss {name!r}: {err}") from None
 
 
 class LossModel(nn.Module):
