@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -196,6 +197,25 @@ def test_bad_checkpoint_is_one_clear_error(trained, tmp_path, no_data, kind, mes
     with pytest.raises(engine.CheckpointError, match=message) as err:
         _resume(path, tmp_path / "run")
     assert str(path) in str(err.value)
+
+
+def test_random_byte_flips_never_load_other_contents(trained, tmp_path):
+    """1, 10 or 2,000 bytes flipped anywhere: refused, or (a flip in bytes the archive does not
+    read) loaded with exactly the saved contents."""
+    rng = random.Random(0)
+    original = (trained / "last.pt").read_bytes()
+    saved = engine._sha256(engine.load_checkpoint(trained / "last.pt", "last"))
+    path, refused = tmp_path / "flipped.pt", 0
+    for trial in range(30):
+        data = bytearray(original)
+        for i in rng.sample(range(len(data)), (1, 10, 2000)[trial % 3]):
+            data[i] ^= rng.randrange(1, 256)
+        path.write_bytes(data)
+        try:
+            assert engine._sha256(engine.load_checkpoint(path, "last")) == saved
+        except engine.CheckpointError:
+            refused += 1
+    assert refused >= 25
 
 
 def test_corrupted_checkpoint_on_the_command_line(trained, tmp_path, capsys, no_data):

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mpa_kernels._spec import LOSSES, SIMILARITIES
 from mpa_kernels.backends import BACKENDS
 
@@ -340,8 +342,6 @@ def validate(cfg: dict) -> None:
 
 def check_device(device: str) -> None:
     """Refuse a CUDA device that this torch cannot use (before any CUDA call fails obscurely)."""
-    import torch
-
     if not device.startswith("cuda"):
         return
     if not torch.cuda.is_available():
