@@ -81,7 +81,8 @@ def test_gem_is_the_generalised_mean():
 def test_small_backbones_embed_and_normalise():
     cnn = backbones.build(_cfg(backbone="small_cnn", hidden_size=16, embedding_size=8))
     assert cnn(torch.randn(4, 3, 16, 16)).shape == (4, 8)
-    mlp = backbones.build(_cfg(backbone="mlp", hidden_size=16, embedding_size=8), input_dim=5)
+    mlp = backbones.build(_cfg(backbone="mlp", dataset="synthetic", hidden_size=16,
+                               embedding_size=8), input_dim=5)
     y = mlp(torch.randn(4, 5))
     torch.testing.assert_close(y.norm(dim=1), torch.ones(4))
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in mlp.modules())

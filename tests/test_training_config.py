@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -66,7 +68,7 @@ def test_experiments_selects_suite_entries():
     (["--set", "nope=1"], "unknown config key 'nope'"),
     (["--epochs", "ten"], "'epochs'"),
     (["--epochs", "1.5"], "must be int"),
-    (["--losses", "mpa,triplet"], "losses must be a non-empty list"),
+    (["--losses", "mpa,triplet"], "'losses' must be one of"),
     (["--dataset", "mnist"], "must be one of"),
     (["--hflip", "maybe"], "must be a boolean"),
     (["--set", "lr"], "expects key=value"),
@@ -91,10 +93,39 @@ def test_config_file_by_path(tmp_path):
         config.from_argv(["--config", str(path)])
 
 
-def test_help_lists_every_key():
-    out = subprocess.run([sys.executable, "-m", "training", "--help"], capture_output=True,
-                         text=True, check=True).stdout
+_WITHOUT_TRAIN_EXTRA = """
+import sys
+from pathlib import Path
+for module in ("PIL", "scipy", "sklearn", "tqdm", "matplotlib"):
+    sys.modules[module] = None  # import fails as if not installed
+from training.cli import main
+code = main(sys.argv[1:])
+print("exit", code)
+"""
+
+
+def test_help_lists_every_key_without_the_train_extra():
+    """--help needs no optional package; a run without the [train] extra names the extra."""
+    def run(*argv):
+        return subprocess.run([sys.executable, "-c", _WITHOUT_TRAIN_EXTRA, *argv],
+                              capture_output=True, text=True)
+
+    shown = run("--help")
+    assert shown.returncode == 0, shown.stderr
     for opt in config.OPTIONS:
         if opt.name != "suite":
-            assert "--" + opt.name.replace("_", "-") in out, opt.name
-    assert "--set KEY=VALUE" in out
+            assert "--" + opt.name.replace("_", "-") in shown.stdout, opt.name
+    assert "--set KEY=VALUE" in shown.stdout
+    refused = run("--epochs", "1")
+    assert "exit 2" in refused.stdout and "Traceback" not in refused.stderr, refused.stderr
+    assert refused.stderr.strip().splitlines() == [
+        "python -m training: error: training needs the [train] extra, which is not installed "
+        "(no module PIL, scipy, sklearn, tqdm, matplotlib): pip install \"mpa-kernels[train]\""]
+
+
+def test_readme_lists_the_keys_a_resume_may_change():
+    """The README's resume paragraph names exactly the schema's resumable keys."""
+    text = (Path(config.__file__).parent / "README.md").read_text()
+    paragraph = text[text.index("A resume continues the saved run exactly"):].split("\n\n")[0]
+    named = set(re.findall(r"`(\w+)`", paragraph)) & set(config.SCHEMA)
+    assert named == {o.name for o in config.OPTIONS if o.resumable}

@@ -146,7 +146,7 @@ def test_digits_split_five_and_five():
 
 
 def test_synthetic_classes_are_disjoint_mixtures():
-    (cfg,) = build({"dataset": "synthetic", "synthetic_train_classes": 3,
+    (cfg,) = build({"dataset": "synthetic", "backbone": "mlp", "synthetic_train_classes": 3,
                     "synthetic_test_classes": 2, "synthetic_centres": 3, "synthetic_samples": 5,
                     "synthetic_dim": 8})
     splits = datasets.load(cfg)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training import cli, config, distributed
+from training import cli, config, datasets, distributed, engine
 from training.engine import Run
 
 CPU = distributed.Context(0, 1, torch.device("cpu"))
@@ -72,9 +73,187 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert a["rng"][0]["python"] == b["rng"][0]["python"]
 
 
-def test_resume_path_must_exist(tmp_path):
-    with pytest.raises(FileNotFoundError, match="resume checkpoint"):
-        _fit(tiny_synthetic(resume=str(tmp_path / "nope.pt")), tmp_path / "run")
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """One epoch of a tiny run: its directory holds last.pt, best.pt and result.json."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    _fit(tiny_synthetic(epochs=1), run_dir)
+    torch.set_num_threads(before)
+    return run_dir
+
+
+@pytest.fixture
+def no_data(monkeypatch):
+    """Reading a dataset fails the test: checkpoint checks must come before it."""
+    def load(cfg):
+        raise AssertionError("a dataset was read before the checkpoint was checked")
+
+    monkeypatch.setattr(datasets, "load", load)
+
+
+def _resume(path: Path, run_dir: Path, loss: str = "mpa", **over) -> Run:
+    (cfg,) = config.build(tiny_synthetic(resume=str(path), losses=[loss], **over))
+    return Run(cfg, loss, cfg["seed"], run_dir, CPU)
+
+
+@pytest.mark.parametrize("over,differ", [
+    ({"lr": 2e-2}, ["lr 0.01 -> 0.02"]),
+    ({"proxy_lr": 1e-3}, ["proxy_lr 0.01 -> 0.001"]),
+    ({"lr_decay": 0.1, "lr_step": 3}, ["lr_step 1 -> 3", "lr_decay 0.5 -> 0.1"]),
+    ({"weight_decay": 0.0}, ["weight_decay"]),
+    ({"batch_size": 10}, ["batch_size 20 -> 10"]),
+    ({"alpha": 16.0}, ["alpha of mpa 32.0 -> 16.0"]),
+    ({"loss_args": {"mpa": {"gamma": 0.5}}}, ["gamma of mpa 0.1 -> 0.5"]),
+    ({"recall_ks": [1, 4]}, ["recall_ks [1, 2] -> [1, 4]"]),
+    ({"synthetic_spread": 0.5}, ["synthetic_spread"]),
+])
+def test_resume_refuses_changed_settings(trained, tmp_path, no_data, over, differ):
+    """A resume with other training settings would keep the saved optimiser and schedule while
+    last.pt recorded the new ones: it is refused, naming every key that differs."""
+    with pytest.raises(engine.CheckpointError, match="was trained with other settings") as err:
+        _resume(trained / "last.pt", tmp_path, epochs=2, **over)
+    for text in differ:
+        assert text in str(err.value)
+    assert str(trained / "last.pt") in str(err.value)
+
+
+def test_resume_accepts_keys_that_do_not_change_training(trained, tmp_path, capsys):
+    """Length, place and speed may change (more epochs, another folder, batch size of the test
+    pass, backend), and so may another loss's arguments; the change is said."""
+    run = _resume(trained / "last.pt", tmp_path / "moved", epochs=2, eval_batch_size=7,
+                  backend="torch", num_workers=0,
+                  loss_args={"proxy_anchor": {"alpha": 8.0}})
+    run.fit()
+    assert run.epoch == 2 and len(run.history) == 2
+    said = capsys.readouterr().out
+    assert "MPA seed 0: resuming " in said and "after epoch 1 (" in said
+    assert "epochs 1 -> 2" in said and "eval_batch_size 256 -> 7" in said
+    assert engine.load_checkpoint(tmp_path / "moved" / "last.pt", "last")["config"][
+        "eval_batch_size"] == 7
+
+
+def test_resume_refuses_another_runs_checkpoint(trained, tmp_path, no_data):
+    with pytest.raises(engine.CheckpointError, match="checkpoint of mpa seed 0, but this run is "
+                       "mpa_ap seed 0"):
+        _resume(trained / "last.pt", tmp_path, loss="mpa_ap")
+    with pytest.raises(engine.CheckpointError, match="but this run is mpa seed 3"):
+        _resume(trained / "last.pt", tmp_path, seed=3)
+
+
+def _flip_proxies(path: Path, out: Path) -> None:
+    """Every byte of the proxies' storage inverted: torch.load itself does not notice."""
+    data = bytearray(path.read_bytes())
+    proxies = torch.load(path, weights_only=True)["model"]["criterion.proxies"]
+    start = data.find(proxies.numpy().tobytes())
+    assert start > 0
+    for i in range(start, start + proxies.numel() * proxies.element_size()):
+        data[i] ^= 0xFF
+    out.write_bytes(data)
+    damaged = torch.load(out, weights_only=True)["model"]["criterion.proxies"]
+    assert not torch.equal(damaged, proxies)
+
+
+def _bad_file(kind: str, trained: Path, tmp_path: Path) -> Path:
+    path = tmp_path / f"{kind}.pt"
+    if kind == "missing":
+        return path
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        data = (trained / "last.pt").read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "flipped":
+        _flip_proxies(trained / "last.pt", path)
+    elif kind == "edited":  # a value changed and the file saved again without a new checksum
+        ckpt = torch.load(trained / "last.pt", weights_only=True)
+        ckpt["epoch"] = 5
+        torch.save(ckpt, path)
+    elif kind == "foreign":  # a state_dict, as other programs save one
+        torch.save(torch.load(trained / "last.pt", weights_only=True)["model"], path)
+    elif kind == "pickle":
+        path.write_bytes(__import__("pickle").dumps({"epoch": 1}))
+    elif kind == "json":
+        return trained / "result.json"
+    elif kind == "best":
+        return trained / "best.pt"
+    return path
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("missing", "not found"),
+    ("empty", "is empty"),
+    ("truncated", r"cannot be read \(truncated or damaged\)"),
+    ("flipped", "is corrupted: its contents do not match the SHA-256"),
+    ("edited", "is corrupted"),
+    ("foreign", "was not written by python -m training"),
+    ("pickle", "is not a checkpoint: a torch.save file is a zip archive"),
+    ("json", "it looks like JSON"),
+    ("best", r"is a best.pt checkpoint \(the weights of a run's best epoch only\), not a last.pt"),
+])
+def test_bad_checkpoint_is_one_clear_error(trained, tmp_path, no_data, kind, message):
+    path = _bad_file(kind, trained, tmp_path)
+    with pytest.raises(engine.CheckpointError, match=message) as err:
+        _resume(path, tmp_path / "run")
+    assert str(path) in str(err.value)
+
+
+def test_random_byte_flips_never_load_other_contents(trained, tmp_path):
+    """1, 10 or 2,000 bytes flipped anywhere: refused, or (a flip in bytes the archive does not
+    read) loaded with exactly the saved contents."""
+    rng = random.Random(0)
+    original = (trained / "last.pt").read_bytes()
+    saved = engine._sha256(engine.load_checkpoint(trained / "last.pt", "last"))
+    path, refused = tmp_path / "flipped.pt", 0
+    for trial in range(30):
+        data = bytearray(original)
+        for i in rng.sample(range(len(data)), (1, 10, 2000)[trial % 3]):
+            data[i] ^= rng.randrange(1, 256)
+        path.write_bytes(data)
+        try:
+            assert engine._sha256(engine.load_checkpoint(path, "last")) == saved
+        except engine.CheckpointError:
+            refused += 1
+    assert refused >= 25
+
+
+def test_corrupted_checkpoint_on_the_command_line(trained, tmp_path, capsys, no_data):
+    path = _bad_file("flipped", trained, tmp_path)
+    values = tiny_synthetic(name="tiny", out_dir=str(tmp_path))
+    (tmp_path / "tiny.json").write_text(json.dumps(values))
+    code = cli.main(["--config", str(tmp_path / "tiny.json"), "--resume", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"checkpoint {path} is corrupted" in err
+
+
+def test_checkpoints_load_back_and_saving_is_atomic(trained, tmp_path, monkeypatch):
+    best = engine.load_checkpoint(trained / "best.pt", "best")
+    assert best["epoch"] == 1 and "criterion.proxies" in best["model"]
+    path = tmp_path / "last.pt"
+    path.write_bytes((trained / "last.pt").read_bytes())
+    before = path.read_bytes()
+
+    def interrupted(obj, fh):
+        fh.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(engine.torch, "save", interrupted)
+    with pytest.raises(OSError, match="disk full"):
+        engine.save_checkpoint({"epoch": 2}, path, "last")
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    engine.load_checkpoint(path, "last")
+
+
+def test_progress_is_plain_lines_when_output_is_not_a_terminal(tmp_path, capsys, monkeypatch):
+    """Redirected output gets a line per interval and per epoch, not a bar's carriage returns."""
+    monkeypatch.setattr(engine, "PROGRESS_SECONDS", 0.0)
+    _fit(tiny_synthetic(epochs=1, progress=True), tmp_path)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert "MPA seed 0 epoch 1: batch 1/3," in err
+    assert "MPA seed 0 epoch 1/1: train loss " in err
 
 
 _WORKER = """

@@ -127,7 +127,7 @@ def test_killed_sweep_resumes_without_redoing_finished_points(tmp_path, monkeypa
     (["--sweep", "seeds=1,2"], "'seeds' cannot be swept"),
     (["--sweep", "loss_args.mpa.alphaa=1,2"], "loss_args.mpa: ['alphaa'] are not arguments"),
     (["--sweep", "gamma=0.1", "--sweep", "tau=0.2"], "--sweep takes one KEY"),
-    (["--sweep", "gamma=0.1", "--resume", "some/last.pt"], "--sweep resumes with --resume auto"),
+    (["--sweep", "gamma=0.1", "--losses", "mpa", "--resume", "some/last.pt"], "--sweep resumes with --resume auto"),
 ])
 def test_bad_sweep_is_a_one_line_error_naming_the_key(tmp_path, capsys, argv, message):
     assert cli.main(["--config", tiny_config(tmp_path), *argv]) == 2

@@ -1,7 +1,8 @@
 """Experiment configuration: one schema of keys, JSON files that set some, command-line overrides.
 
-A config is a flat dict. Its keys, types, defaults and help texts are the ``OPTIONS`` table below,
-the single source for validation and for ``--help``. Precedence, lowest first: the defaults here,
+A config is a flat dict. Its keys, types, defaults, admitted ranges and help texts are the
+``OPTIONS`` table below, the single source for validation and for ``--help``; everything is checked
+when the config is built, before any data is read. Precedence, lowest first: the defaults here,
 the config file, one ``suite`` entry of that file (a config may hold several experiments, as the
 embedded default does), then the command line (``--set key=value`` or ``--key value``), so a
 command-line override reaches every experiment of a suite.
@@ -12,9 +13,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from mpa_kernels._spec import LOSSES, SIMILARITIES
 from mpa_kernels.backends import BACKENDS
@@ -25,69 +29,117 @@ BACKBONES = ("bn_inception", "resnet50", "small_cnn", "mlp")
 
 @dataclass(frozen=True)
 class Option:
+    """One config key: its default (which fixes its type), help text and the values it admits.
+
+    ``at_least``, ``above`` and ``at_most`` bound a number, or each item of a list (``item`` is the
+    items' type); ``choices`` lists the admitted values (of each item, for a list). ``resumable``
+    keys may differ between a run and its resume because they do not change what the run computes
+    (how long, where, how fast, which runs); every other key must match the checkpoint.
+    """
+
     name: str
     default: Any
     help: str
     choices: tuple | None = None
+    at_least: float | None = None
+    above: float | None = None
+    at_most: float | None = None
+    item: type | None = None
+    nonempty: bool = False
+    resumable: bool = False
 
     @property
     def kind(self) -> type:
         return type(self.default)
 
+    @property
+    def bounds(self) -> str:
+        """The admitted range in words (``> 0``, ``in (0, 1]``); '' when unbounded."""
+        low = (f"({self.above}" if self.above is not None
+               else f"[{self.at_least}" if self.at_least is not None else None)
+        if low is not None and self.at_most is not None:
+            return f"in {low}, {self.at_most}]"
+        if low is not None:
+            return (">" if low[0] == "(" else ">=") + " " + low[1:]
+        return f"<= {self.at_most}" if self.at_most is not None else ""
+
+    def admits(self, value: float) -> bool:
+        return ((self.above is None or value > self.above)
+                and (self.at_least is None or value >= self.at_least)
+                and (self.at_most is None or value <= self.at_most))
+
 
 OPTIONS = (
-    Option("name", "experiment", "experiment name; runs go to <out_dir>/<name>/"),
+    Option("name", "experiment", "experiment name; runs go to <out_dir>/<name>/ (a plain folder "
+           "name)", resumable=True),
     Option("dataset", "digits", "dataset", DATASETS),
-    Option("data_root", "data", "folder holding the dataset in its official layout (see README)"),
+    Option("data_root", "data", "folder holding the dataset in its official layout (see README)",
+           resumable=True),
     Option("backbone", "small_cnn", "network before the embedding layer", BACKBONES),
-    Option("pretrained", "", "local ImageNet weights of the backbone ('' = random initialisation)"),
-    Option("embedding_size", 512, "embedding dimension (L2-normalised)"),
-    Option("gem_p", 3.0, "GeM pooling exponent (3 = cubic GeM, the paper's)"),
-    Option("hidden_size", 256, "width of the mlp backbone / channels of the small_cnn"),
-    Option("losses", ["mpa"], f"losses to train, one run each; any of {list(LOSSES)}"),
+    Option("pretrained", "", "local ImageNet weights of the backbone ('' = random initialisation)",
+           resumable=True),
+    Option("embedding_size", 512, "embedding dimension (L2-normalised)", at_least=1),
+    Option("gem_p", 3.0, "GeM pooling exponent (1 = average pooling, 3 = cubic GeM, the paper's)",
+           at_least=1),
+    Option("hidden_size", 256, "width of the mlp backbone / channels of the small_cnn",
+           at_least=1),
+    Option("losses", ["mpa"], "losses to train, one run each", LOSSES, item=str, nonempty=True,
+           resumable=True),
     Option("loss_args", {}, "per-loss keyword overrides, e.g. {\"soft_triple\": {\"alpha\": 20}}"),
-    Option("proxies_per_class", 10, "K, proxies per class (multi-proxy losses only)"),
-    Option("alpha", 32.0, "logit scale (SoftTriple's lambda)"),
-    Option("delta", 0.1, "margin"),
-    Option("gamma", 0.1, "temperature of the softmax over a class's K proxies"),
-    Option("tau", 0.2, "weight of the proxy regulariser (eq. 3)"),
+    Option("proxies_per_class", 10, "K, proxies per class (multi-proxy losses only)", at_least=1),
+    Option("alpha", 32.0, "logit scale (SoftTriple's lambda)", above=0),
+    Option("delta", 0.1, "margin", at_least=0),
+    Option("gamma", 0.1, "temperature of the softmax over a class's K proxies", above=0),
+    Option("tau", 0.2, "weight of the proxy regulariser (eq. 3)", at_least=0),
     Option("similarity", "softmax", "class similarity over the K proxies", SIMILARITIES),
-    Option("backend", "auto", "mpa_kernels backend", BACKENDS),
-    Option("lr", 1e-4, "AdamW learning rate of the network"),
-    Option("proxy_lr", 1e-2, "AdamW learning rate of the proxies"),
-    Option("weight_decay", 1e-4, "AdamW weight decay"),
-    Option("lr_step", 20, "multiply the learning rates by lr_decay every lr_step epochs"),
-    Option("lr_decay", 0.5, "learning-rate decay factor"),
-    Option("epochs", 60, "training epochs"),
-    Option("batch_size", 180, "GLOBAL batch size (split over DDP ranks)"),
-    Option("eval_batch_size", 256, "batch size per rank when embedding the test set"),
-    Option("num_workers", 4, "DataLoader worker processes per rank"),
-    Option("image_size", 224, "training crop and test centre-crop size"),
-    Option("resize_size", 256, "test images: shorter side resized to this before the centre crop"),
-    Option("crop_scale_min", 0.08, "RandomResizedCrop lower area bound"),
+    Option("backend", "auto", "mpa_kernels backend", BACKENDS, resumable=True),
+    Option("lr", 1e-4, "AdamW learning rate of the network", above=0),
+    Option("proxy_lr", 1e-2, "AdamW learning rate of the proxies (0 = fixed proxies)",
+           at_least=0),
+    Option("weight_decay", 1e-4, "AdamW weight decay", at_least=0),
+    Option("lr_step", 20, "multiply the learning rates by lr_decay every lr_step epochs",
+           at_least=1),
+    Option("lr_decay", 0.5, "learning-rate decay factor (1 = constant)", above=0, at_most=1),
+    Option("epochs", 60, "training epochs", at_least=1, resumable=True),
+    Option("batch_size", 180, "GLOBAL batch size (split over DDP ranks)", at_least=1),
+    Option("eval_batch_size", 256, "batch size per rank when embedding the test set", at_least=1,
+           resumable=True),
+    Option("num_workers", 4, "DataLoader worker processes per rank", at_least=0, resumable=True),
+    Option("image_size", 224, "training crop and test centre-crop size", at_least=1),
+    Option("resize_size", 256, "test images: shorter side resized to this before the centre crop",
+           at_least=1),
+    Option("crop_scale_min", 0.08, "RandomResizedCrop lower area bound", above=0, at_most=1),
     Option("hflip", True, "random horizontal flip of training images"),
-    Option("recall_ks", [1, 2, 4, 8], "k of the Recall@k columns"),
-    Option("ndcg_ks", [2, 4, 8], "k of the nDCG@k columns"),
-    Option("seed", 0, "seed of the first run"),
-    Option("seeds", 1, "number of seeds (seed, seed+1, ...) per loss"),
-    Option("out_dir", "runs", "output folder"),
+    Option("recall_ks", [1, 2, 4, 8], "k of the Recall@k columns (the first picks the best epoch)",
+           item=int, at_least=1, nonempty=True),
+    Option("ndcg_ks", [2, 4, 8], "k of the nDCG@k columns", item=int, at_least=1),
+    Option("seed", 0, "seed of the first run", at_least=0, at_most=2**32 - 1, resumable=True),
+    Option("seeds", 1, "number of seeds (seed, seed+1, ...) per loss", at_least=1,
+           resumable=True),
+    Option("out_dir", "runs", "output folder", resumable=True),
     Option("resume", "", "'' = fresh runs, 'auto' = continue each run from its last.pt, "
-           "or a checkpoint path (single run only)"),
-    Option("device", "auto", "'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ..."),
-    Option("amp", True, "bf16 autocast on CUDA (ignored on CPU)"),
-    Option("compile", False, "torch.compile the network"),
-    Option("progress", True, "tqdm progress bars"),
+           "or the last.pt of one run (one loss, one seed, one experiment)", resumable=True),
+    Option("device", "auto", "'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...",
+           resumable=True),
+    Option("amp", True, "bf16 autocast on CUDA (ignored on CPU)", resumable=True),
+    Option("compile", False, "torch.compile the network", resumable=True),
+    Option("progress", True, "progress bars on a terminal, a plain line every "
+           "half minute otherwise", resumable=True),
     Option("threads", 0, "torch CPU threads (0 = torch's default); 1 is fastest for tiny models "
-           "on a busy machine"),
-    Option("synthetic_train_classes", 16, "synthetic set: training classes"),
-    Option("synthetic_test_classes", 16, "synthetic set: test classes (disjoint from training)"),
-    Option("synthetic_centres", 4, "synthetic set: local centres (Gaussian clusters) per class"),
-    Option("synthetic_samples", 40, "synthetic set: samples per centre"),
-    Option("synthetic_dim", 32, "synthetic set: input dimension"),
-    Option("synthetic_spread", 0.35, "synthetic set: std of a cluster around its centre"),
+           "on a busy machine", at_least=0, resumable=True),
+    Option("synthetic_train_classes", 16, "synthetic set: training classes", at_least=2),
+    Option("synthetic_test_classes", 16, "synthetic set: test classes (disjoint from training)",
+           at_least=2),
+    Option("synthetic_centres", 4, "synthetic set: local centres (Gaussian clusters) per class",
+           at_least=1),
+    Option("synthetic_samples", 40, "synthetic set: samples per centre", at_least=1),
+    Option("synthetic_dim", 32, "synthetic set: input dimension", at_least=2),
+    Option("synthetic_spread", 0.35, "synthetic set: std of a cluster around its centre",
+           at_least=0),
     Option("suite", [], "experiments run one after another, each a dict of overrides "
-           "(with a 'name'); set in config files"),
-    Option("experiments", [], "names of the suite's experiments to run (default: all)"),
+           "(with a 'name'); set in config files", item=dict, resumable=True),
+    Option("experiments", [], "names of the suite's experiments to run (default: all)", item=str,
+           resumable=True),
 )
 SCHEMA = {o.name: o for o in OPTIONS}
 CONFIG_NAMES = ("default", "cub", "cars", "sop")
@@ -98,21 +150,38 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
 
 
+def _typed(what: str, value: Any, kind: type) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
+        raise ConfigError(f"{what} must be {kind.__name__}, got {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"{what} must be finite, got {value!r}")
+    return value
+
+
 def _check_value(key: str, value: Any) -> Any:
+    """``value`` if it has the type of ``key`` and lies in its range; else a ConfigError."""
     if key not in SCHEMA:
         raise ConfigError(f"unknown config key {key!r}; known keys: {sorted(SCHEMA)}")
     opt = SCHEMA[key]
-    kind = opt.kind
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"config key {key!r} must be {kind.__name__}, got {value!r}")
-    if opt.choices is not None and value not in opt.choices:
-        raise ConfigError(f"config key {key!r} must be one of {list(opt.choices)}, got {value!r}")
-    if key == "losses":
-        bad = [name for name in value if name not in LOSSES]
-        if bad or not value:
-            raise ConfigError(f"losses must be a non-empty list of {list(LOSSES)}, got {value!r}")
+    what = f"config key {key!r}"
+    value = _typed(what, value, opt.kind)
+    items = [value]
+    if opt.kind is list:
+        if opt.nonempty and not value:
+            raise ConfigError(f"{what} must not be empty")
+        what = f"each item of config key {key!r}"
+        items = value = [_typed(what, v, opt.item) for v in value] if opt.item else value
+        if opt.item is not dict:
+            repeated = sorted({v for v in value if value.count(v) > 1}, key=str)
+            if repeated:
+                raise ConfigError(f"config key {key!r} lists {repeated} more than once")
+    for v in items:
+        if opt.choices is not None and v not in opt.choices:
+            raise ConfigError(f"{what} must be one of {list(opt.choices)}, got {v!r}")
+        if opt.bounds and not opt.admits(v):
+            raise ConfigError(f"{what} must be {opt.bounds}, got {v!r}")
     return value
 
 
@@ -160,8 +229,11 @@ def apply_override(cfg: dict, assignment: str) -> None:
     if head not in SCHEMA or SCHEMA[head].kind is not dict:
         raise ConfigError(f"dotted override {key!r}: {head!r} is not a dict-valued key")
     node = cfg.setdefault(head, {})
-    for part in path[:-1]:
+    for depth, part in enumerate(path[:-1], start=1):
         node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"dotted override {key!r}: {'.'.join([head, *path[:depth]])} "
+                              f"holds {node!r}, not a dict")
     node[path[-1]] = _scalar(text)
 
 
@@ -216,21 +288,71 @@ def build(file_values: dict, overrides: list[str] = ()) -> list[dict]:
     names = [c["name"] for c in configs]
     if len(set(names)) < len(names):
         raise ConfigError(f"experiments share a name (and so an output folder): {names}")
+    if len(configs) > 1 and configs[0]["resume"] not in ("", "auto"):
+        raise ConfigError(f"resume {configs[0]['resume']!r} continues one run, but this config "
+                          f"runs the experiments {names}; pick one with --experiments NAME")
+    devices = sorted({c["device"] for c in configs})
+    if len(devices) > 1:
+        raise ConfigError(f"the experiments of one command run on one device, but this config "
+                          f"names the devices {devices}")
     return configs
 
 
 def validate(cfg: dict) -> None:
     """Relations between keys that the per-key checks cannot see."""
-    for key in ("embedding_size", "epochs", "batch_size", "eval_batch_size", "seeds", "lr_step",
-                "proxies_per_class", "image_size", "resize_size"):
-        if cfg[key] < 1:
-            raise ConfigError(f"config key {key!r} must be >= 1, got {cfg[key]}")
-    if cfg["num_workers"] < 0 or cfg["threads"] < 0:
-        raise ConfigError("num_workers and threads must be >= 0")
     if cfg["resize_size"] < cfg["image_size"]:
         raise ConfigError("resize_size must be >= image_size (the centre crop is cut from it)")
+    name = cfg["name"]
+    if not name or name in (".", "..") or any(sep in name for sep in "/\\") or \
+            Path(name).is_absolute():
+        raise ConfigError(f"config key 'name' must be a plain folder name (runs go to "
+                          f"<out_dir>/<name>/), got {name!r}")
     if set(cfg["loss_args"]) - set(LOSSES):
         raise ConfigError(f"loss_args keys must be loss names {list(LOSSES)}")
+    for loss, args in cfg["loss_args"].items():
+        if not isinstance(args, dict):
+            raise ConfigError(f"loss_args.{loss} must be a dict of keyword arguments, got "
+                              f"{args!r}")
+    if (cfg["backbone"] == "mlp") != (cfg["dataset"] == "synthetic"):
+        raise ConfigError(f"backbone {cfg['backbone']!r} does not fit dataset "
+                          f"{cfg['dataset']!r}: the mlp takes the synthetic vectors, the other "
+                          "backbones take images")
+    if cfg["backbone"] == "small_cnn" and cfg["hidden_size"] < 4:
+        raise ConfigError(f"config key 'hidden_size' must be >= 4 for the small_cnn (its first "
+                          f"stage has hidden_size // 4 channels), got {cfg['hidden_size']}")
+    if cfg["pretrained"] and cfg["backbone"] not in ("bn_inception", "resnet50"):
+        raise ConfigError(f"backbone {cfg['backbone']!r} has no pretrained weights; set "
+                          "pretrained=''")
+    if cfg["dataset"] == "synthetic" and cfg["synthetic_centres"] * cfg["synthetic_samples"] < 2:
+        raise ConfigError("synthetic_centres * synthetic_samples must be >= 2: a class needs two "
+                          "samples for a test query to have something to retrieve")
+    device = cfg["device"]
+    kind, _, index = device.partition(":")
+    if not (device in ("auto", "cpu", "cuda") or (kind == "cuda" and index.isdigit())):
+        raise ConfigError(f"config key 'device' must be 'auto', 'cpu', 'cuda' or 'cuda:N', got "
+                          f"{device!r}")
+    resume = cfg["resume"]
+    runs = len(cfg["losses"]) * cfg["seeds"]
+    if resume not in ("", "auto") and runs > 1:
+        raise ConfigError(f"resume {resume!r} continues one run, but this config has "
+                          f"{len(cfg['losses'])} loss(es) x {cfg['seeds']} seed(s) = {runs} runs; "
+                          "give one loss and --seeds 1, or --resume auto (each run from its own "
+                          "last.pt)")
+
+
+def check_device(device: str) -> None:
+    """Refuse a CUDA device that this torch cannot use (before any CUDA call fails obscurely)."""
+    if not device.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        sees = (f"built with CUDA {torch.version.cuda}, sees no CUDA device" if torch.version.cuda
+                else "is a CPU build")
+        raise ConfigError(f"config key 'device' is {device!r}, but this torch {torch.__version__} "
+                          f"{sees}; use --device cpu or auto")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"config key 'device' is {device!r}, but only "
+                          f"{torch.cuda.device_count()} CUDA device(s) are visible")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -259,6 +381,8 @@ def parser() -> argparse.ArgumentParser:
             continue
         flag = "--" + opt.name.replace("_", "-")
         extra = f" (one of {list(opt.choices)})" if opt.choices else ""
+        if opt.bounds:
+            extra += f"; {'each ' if opt.kind is list else ''}{opt.bounds}"
         # Booleans also work as bare switches: ``--compile`` means ``--compile true``.
         switch = {"nargs": "?", "const": "true"} if opt.kind is bool else {}
         keys.add_argument(flag, dest=f"key_{opt.name}", default=None, metavar="VALUE", **switch,
