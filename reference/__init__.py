@@ -4,7 +4,7 @@ Slow by design. Every backend of :mod:`mpa_kernels` is tested against these func
 package imports nothing from :mod:`mpa_kernels`.
 """
 
-from reference.losses import (
+from .losses import (
     class_similarity,
     log1p_sum_exp,
     mpa_ap_loss,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-import reference
+from mpa_kernels import reference
 from mpa_kernels._spec import LossSpec
 
 LOW_PRECISION = False
