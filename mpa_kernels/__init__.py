@@ -45,7 +45,8 @@ def _map_source_checkout() -> None:
 
 _map_source_checkout()
 
-from mpa_kernels import functional, metrics  # noqa: E402
+from mpa_kernels import backends, functional, metrics  # noqa: E402
+from mpa_kernels._spec import ComputeOptions, LossSpec  # noqa: E402
 from mpa_kernels.backends import BACKENDS, BackendUnavailableError, auto_backend  # noqa: E402
 from mpa_kernels.losses import (  # noqa: E402
     MPAAPLoss,
@@ -56,10 +57,18 @@ from mpa_kernels.losses import (  # noqa: E402
     SoftTripleLoss,
 )
 
+# The backends that "auto" picks on the CPU, imported now (they are plain PyTorch) rather than at the
+# first call: torch.compile cannot trace an import, so a model whose first call is compiled with
+# fullgraph=True would break there. The Triton backends stay lazy (they need Triton and a GPU).
+for _name in ("torch", "reference"):
+    backends._load(_name)
+
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "ComputeOptions",
+    "LossSpec",
     "BackendUnavailableError",
     "MPAAPLoss",
     "MPADWLoss",

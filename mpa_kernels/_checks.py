@@ -1,9 +1,15 @@
 """Input checks shared by every loss and backend.
 
 The structural checks (types, ranks, shapes, devices) cost nothing and always run. The value checks
-(labels in range, finite embeddings) read the data, which on CUDA means a host synchronisation; the
-``validate=False`` switch turns them off for speed. Without them a kernel would read out of bounds
-or return NaN, so they are on by default.
+(labels in range, finite values) read the data. In eager mode on the CPU they run on the host
+(reading a CPU tensor costs no synchronisation) and raise a ``ValueError``. Elsewhere (CUDA, and
+any device while ``torch.compile`` traces) they are device-side assertions that never stall the
+stream (:func:`assert_values_async`): the label range before the loss is computed, finiteness on
+the loss itself, which is finite exactly when the embeddings and proxies are (normalised inputs,
+log-sum-exps), so that no extra pass reads the C*K*d proxies. A failed device-side assertion
+surfaces at the next synchronisation as a ``RuntimeError`` carrying the message. ``validate=False``
+turns the value checks off. Without them a kernel would read out of bounds or return NaN, so they
+are on by default.
 """
 
 from __future__ import annotations
@@ -91,3 +97,25 @@ def check_inputs(
         if not all_finite(proxies):
             raise ValueError("proxies contain NaN or infinite values")
     return num_classes
+
+
+def value_checks_on_host(t: torch.Tensor) -> bool:
+    """Whether the value checks of a call on ``t`` run on the host (eager CPU) or as device-side
+    assertions (CUDA and other devices, and under ``torch.compile``, which cannot trace a read of
+    a tensor's value)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def assert_values_async(labels: torch.Tensor, num_classes: int) -> None:
+    """Device-side assertion that ``labels`` lie in ``[0, num_classes)``, without a host sync."""
+    in_range = ((labels >= 0) & (labels < num_classes)).all()
+    torch._assert_async(in_range, f"labels must lie in [0, {num_classes})")
+
+
+def assert_finite_async(value: torch.Tensor) -> None:
+    """Device-side assertion that the loss ``value`` is finite: with finite inputs it always is,
+    so this checks the embeddings and proxies without reading them again."""
+    torch._assert_async(
+        torch.isfinite(value.detach()).all(),
+        "the loss is not finite: the embeddings or the proxies contain NaN or infinite values",
+    )

@@ -1,7 +1,9 @@
-"""The ``"reference"`` backend: autograd through the plain-PyTorch oracle in :mod:`reference`.
+"""The ``"reference"`` backend: autograd through the plain-PyTorch oracle in
+:mod:`mpa_kernels.reference`.
 
 Slow and memory-hungry (it keeps several N x C x K tensors for the backward pass), and the
-yardstick every other backend is tested against.
+yardstick every other backend is tested against. It returns the unreduced terms (every reduction)
+and has none of the compute options (deterministic for a given device and thread count).
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ from mpa_kernels._spec import LossSpec
 
 LOW_PRECISION = False
 
-_SIMILARITY_LOSSES = {
-    "mpa": reference.mpa_similarity_loss,
-    "proxy_anchor": reference.mpa_similarity_loss,
-    "mpa_dw": reference.mpa_dw_similarity_loss,
-    "mpa_ap": reference.mpa_ap_similarity_loss,
-    "soft_triple": reference.soft_triple_similarity_loss,
-    "proxy_nca": reference.soft_triple_similarity_loss,
+_TERMS = {
+    "mpa": reference.mpa_similarity_terms,
+    "proxy_anchor": reference.mpa_similarity_terms,
+    "mpa_dw": reference.mpa_dw_similarity_terms,
+    "mpa_ap": reference.mpa_ap_similarity_terms,
+    "soft_triple": reference.soft_triple_similarity_terms,
+    "proxy_nca": reference.soft_triple_similarity_terms,
 }
 
 
@@ -27,8 +29,9 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def similarity_loss(
+def similarity_terms(
     x_hat: torch.Tensor, w_hat: torch.Tensor, labels: torch.Tensor, spec: LossSpec
 ) -> torch.Tensor:
     S = reference.class_similarity(x_hat, w_hat, spec.proxies_per_class, spec.similarity, spec.gamma)
-    return _SIMILARITY_LOSSES[spec.loss](S, labels, spec.alpha, spec.delta)
+    terms = _TERMS[spec.loss](S, labels, spec.alpha, spec.delta)
+    return torch.stack(terms) if spec.column_wise else terms
