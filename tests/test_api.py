@@ -386,3 +386,14 @@ def test_compile_fullgraph_of_model_and_loss_with_validation_on():
     assert value.item() == pytest.approx(step(x, labels).item(), rel=1e-12)
     with pytest.raises(RuntimeError, match=r"labels must lie in \[0, 5\)"):
         compiled(x, labels + 1)
+
+
+def test_readme_quick_start_runs_and_learns(capsys):
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = text.split("## Quick start", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    namespace = {}
+    exec(compile(block, "README.md (Quick start)", "exec"), namespace)
+    assert namespace["loss"].item() < 1.0  # from about 10 at the first step
+    assert "recall@1" in capsys.readouterr().out
