@@ -29,7 +29,7 @@ from mpa_kernels._checks import (
     value_checks_on_host,
 )
 from mpa_kernels._spec import ComputeOptions, LossSpec, check_int, check_number, check_reduction
-from mpa_kernels.backends import check_backend_name, computes_terms, resolve
+from mpa_kernels.backends import check_backend_name, resolve
 
 __all__ = [
     "proxy_loss",
@@ -46,6 +46,14 @@ __all__ = [
 _REGULARIZER_EPS = 1e-12
 _NORM_EPS = 1e-12  # F.normalize's
 _HALF = (torch.float16, torch.bfloat16)
+
+# A backend's entry points in the order the front end prefers them: for the mean, the scalar ones
+# (a backend may fuse more when it knows the reduction), then the terms; for "none" and "sum", the
+# terms only (resolve() has refused a backend without them). Raw-proxy forms first.
+_ENTRY_POINTS = {
+    True: ("proxy_loss", "similarity_loss", "proxy_terms", "similarity_terms"),
+    False: ("proxy_terms", "similarity_terms"),
+}
 
 
 class _UnitRows(torch.autograd.Function):
@@ -181,27 +189,27 @@ def proxy_loss(
     kwargs = options.for_backend(impl)
     labels = labels.long()
     regularize = spec.tau != 0.0 and k > 1
+    entry = next(name for name in _ENTRY_POINTS[reduction == "mean"] if hasattr(impl, name))
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
         x_hat = unit_rows(embeddings.to(dtype))
-        if hasattr(impl, "proxy_terms") or (hasattr(impl, "proxy_loss")
-                                            and not computes_terms(impl)):
+        if entry.startswith("proxy_"):
             # The backend normalises the proxies and adds the regulariser inside its own sweep,
             # so that no C*K*d copy of them (nor of their gradient) is ever made.
-            if hasattr(impl, "proxy_terms"):
-                terms, reg = impl.proxy_terms(x_hat, proxies.to(dtype), labels, spec, **kwargs)
-                value = reduce_terms(terms, labels, spec, reduction, reg if regularize else None)
+            w = proxies.to(dtype)
+            if entry == "proxy_loss":
+                value = impl.proxy_loss(x_hat, w, labels, spec, spec.tau, **kwargs)
             else:
-                value = impl.proxy_loss(x_hat, proxies.to(dtype), labels, spec, spec.tau, **kwargs)
+                terms, reg = impl.proxy_terms(x_hat, w, labels, spec, **kwargs)
+                value = reduce_terms(terms, labels, spec, reduction, reg if regularize else None)
         else:
             w_hat = unit_rows(proxies.to(dtype))
             reg = unit_proxy_regularizer(w_hat.to(reg_dtype), k) if regularize else None
-            if computes_terms(impl):
+            if entry == "similarity_loss":
+                value = impl.similarity_loss(x_hat, w_hat, labels, spec, **kwargs)
+                value = value if reg is None else value + spec.tau * reg
+            else:
                 terms = impl.similarity_terms(x_hat, w_hat, labels, spec, **kwargs)
                 value = reduce_terms(terms, labels, spec, reduction, reg)
-            else:
-                value = impl.similarity_loss(x_hat, w_hat, labels, spec, **kwargs)
-                if reg is not None:
-                    value = value + spec.tau * reg
     if on_device:
         assert_finite_async(value)
     return value

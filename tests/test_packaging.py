@@ -86,3 +86,11 @@ def test_installed_training_harness_runs_from_another_directory(installed, tmp_p
         installed, tmp_path)
     assert result.returncode == 0, result.stderr
     assert "--config" in result.stdout
+
+
+def test_installed_console_script(installed, tmp_path):
+    env = {"PYTHONPATH": str(installed), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([str(installed / "bin" / "mpa-train"), "--help"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "--config" in result.stdout

@@ -130,3 +130,29 @@ def test_reference_oracle_terms_reduce_to_its_losses():
     logits = 20.0 * (S - 0.01 * F.one_hot(labels, 4))
     torch.testing.assert_close(ref.soft_triple_similarity_terms(S, labels),
                                F.cross_entropy(logits, labels, reduction="none"))
+
+
+def test_mean_prefers_a_backends_scalar_entry_point_and_other_reductions_its_terms(monkeypatch):
+    import types
+
+    from mpa_kernels import backends
+
+    reference = backends._load("reference")
+    used = []
+
+    def similarity_loss(*args):
+        used.append("similarity_loss")
+        return reference.similarity_terms(*args).mean()
+
+    def similarity_terms(*args):
+        used.append("similarity_terms")
+        return reference.similarity_terms(*args)
+
+    both = types.SimpleNamespace(LOW_PRECISION=False, unavailable_reason=lambda device: None,
+                                 similarity_loss=similarity_loss, similarity_terms=similarity_terms)
+    monkeypatch.setitem(backends.sys.modules, backends._MODULES["torch"], both)
+    x, labels, w = _batch(2)
+    for reduction in ("mean", "none", "sum"):
+        MF.soft_triple_loss(x, labels, w, proxies_per_class=2, backend="torch",
+                            reduction=reduction)
+    assert used == ["similarity_loss", "similarity_terms", "similarity_terms"]

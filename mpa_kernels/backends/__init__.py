@@ -25,7 +25,9 @@ A backend is a module in this package that defines
     only. A backend with only these serves ``reduction="mean"``; asked for another reduction by
     name it raises :class:`BackendUnavailableError`, and ``"auto"`` skips it.
 
-  The front end prefers the raw-proxy forms when present (no C*K*d copy of the proxies is made).
+  For ``reduction="mean"`` the front end prefers the scalar forms (a backend may fuse more when it
+  knows the reduction, e.g. form the gradient during the forward), for the others it needs the
+  terms; among either, the raw-proxy form when present (no C*K*d copy of the proxies is made).
 * optionally ``OPTIONS``: the names of the :class:`~mpa_kernels._spec.ComputeOptions` that its
   entry points take as keyword arguments; the others are not passed (the backend has no such
   knob);
