@@ -255,7 +255,8 @@ def _recording_backend(monkeypatch, name="triton-linear"):
         calls.append(options)
         return reference_backend.similarity_terms(x_hat, w_hat, labels, spec).mean()
 
-    fake = types.SimpleNamespace(LOW_PRECISION=False, unavailable_reason=lambda device: None,
+    fake = types.SimpleNamespace(__name__="recording", LOW_PRECISION=False,
+                                 unavailable_reason=lambda device: None,
                                  OPTIONS=("deterministic", "filter_eps", "allow_tf32"),
                                  similarity_loss=similarity_loss)
     monkeypatch.setitem(backends.sys.modules, backends._MODULES[name], fake)

@@ -106,7 +106,7 @@ def test_a_mean_only_backend_refuses_other_reductions_and_auto_skips_it(monkeypa
     x, labels, w = _batch(2)
     reference = backends._load("reference")
     mean_only = types.SimpleNamespace(
-        LOW_PRECISION=False, unavailable_reason=lambda device: None,
+        __name__="mean_only", LOW_PRECISION=False, unavailable_reason=lambda device: None,
         similarity_loss=lambda x_hat, w_hat, y, spec: reference.similarity_terms(
             x_hat, w_hat, y, spec).mean())
     monkeypatch.setitem(backends.sys.modules, backends._MODULES["torch"], mean_only)
@@ -148,7 +148,8 @@ def test_mean_prefers_a_backends_scalar_entry_point_and_other_reductions_its_ter
         used.append("similarity_terms")
         return reference.similarity_terms(*args)
 
-    both = types.SimpleNamespace(LOW_PRECISION=False, unavailable_reason=lambda device: None,
+    both = types.SimpleNamespace(__name__="both", LOW_PRECISION=False,
+                                 unavailable_reason=lambda device: None,
                                  similarity_loss=similarity_loss, similarity_terms=similarity_terms)
     monkeypatch.setitem(backends.sys.modules, backends._MODULES["torch"], both)
     x, labels, w = _batch(2)
