@@ -203,13 +203,12 @@ def proxy_loss(
                 value = reduce_terms(terms, labels, spec, reduction, reg if regularize else None)
         else:
             w_hat = unit_rows(proxies.to(dtype))
+            out = getattr(impl, entry)(x_hat, w_hat, labels, spec, **kwargs)
             reg = unit_proxy_regularizer(w_hat.to(reg_dtype), k) if regularize else None
             if entry == "similarity_loss":
-                value = impl.similarity_loss(x_hat, w_hat, labels, spec, **kwargs)
-                value = value if reg is None else value + spec.tau * reg
+                value = out if reg is None else out + spec.tau * reg
             else:
-                terms = impl.similarity_terms(x_hat, w_hat, labels, spec, **kwargs)
-                value = reduce_terms(terms, labels, spec, reduction, reg)
+                value = reduce_terms(out, labels, spec, reduction, reg)
     if on_device:
         assert_finite_async(value)
     return value
