@@ -30,8 +30,8 @@ def _default_device() -> str:
 
 
 def _loss_parser() -> argparse.ArgumentParser:
-    from benchmarks.providers import LOSSES, QUICK_LOSSES
-    from benchmarks.shapes import FULL, QUICK, SHAPES
+    from .providers import LOSSES, QUICK_LOSSES
+    from .shapes import FULL, QUICK, SHAPES
 
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
@@ -88,9 +88,9 @@ def _choose(names: list[str], known, what: str) -> list[str]:
 
 
 def losses_main(argv: list[str]) -> dict:
-    from benchmarks import plots, runner
-    from benchmarks.providers import LOSSES, QUICK_LOSSES, all_providers
-    from benchmarks.shapes import FULL, QUICK, SHAPES
+    from . import plots, runner
+    from .providers import LOSSES, QUICK_LOSSES, all_providers
+    from .shapes import FULL, QUICK, SHAPES
 
     args = _loss_parser().parse_args(argv)
     device = torch.device(args.device)
@@ -131,7 +131,7 @@ def losses_main(argv: list[str]) -> dict:
 
 
 def metrics_main(argv: list[str]) -> dict:
-    from benchmarks import metrics_bench, runner
+    from . import metrics_bench, runner
 
     p = argparse.ArgumentParser(prog="python -m benchmarks metrics",
                                 description=metrics_bench.__doc__.split("\n\n")[0])
@@ -153,7 +153,7 @@ def metrics_main(argv: list[str]) -> dict:
 
 
 def plot_main(argv: list[str]) -> None:
-    from benchmarks import plots
+    from . import plots
 
     p = argparse.ArgumentParser(prog="python -m benchmarks plot")
     p.add_argument("results", type=Path, help="a results .json written by python -m benchmarks")
@@ -164,7 +164,7 @@ def plot_main(argv: list[str]) -> None:
 
 
 def table_main(argv: list[str]) -> None:
-    from benchmarks import summary
+    from . import summary
 
     p = argparse.ArgumentParser(prog="python -m benchmarks table")
     p.add_argument("results", type=Path, help="a results .json written by python -m benchmarks")

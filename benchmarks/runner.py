@@ -17,15 +17,15 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import measure
-from benchmarks.providers import (
+from . import measure
+from .providers import (
     DEFAULT_BYTES_PER_SCORE,
     Case,
     Provider,
     all_providers,
     unavailable_reason,
 )
-from benchmarks.shapes import Shape
+from .shapes import Shape
 from mpa_kernels.backends import BackendUnavailableError
 
 REPO = Path(__file__).resolve().parent.parent

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from training import config, distributed, report
-from training.backbones import IMAGENET_BACKBONES, random_init_note
-from training.distributed import Context
-from training.engine import Run
+from . import config, distributed, report
+from .backbones import IMAGENET_BACKBONES, random_init_note
+from .distributed import Context
+from .engine import Run
 
 
 def run_experiment(cfg: dict, ctx: Context) -> None:

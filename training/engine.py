@@ -27,9 +27,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
 import mpa_kernels
-from training import backbones, datasets, distributed, evaluation
-from training.config import ConfigError
-from training.distributed import Context
+from . import backbones, datasets, distributed, evaluation
+from .config import ConfigError
+from .distributed import Context
 
 LOSSES = {
     "mpa": mpa_kernels.MPALoss,
