@@ -35,8 +35,8 @@ def _default_device() -> str:
 
 
 def _loss_parser() -> argparse.ArgumentParser:
-    from benchmarks.providers import LOSSES, QUICK_LOSSES
-    from benchmarks.shapes import FULL, QUICK, SHAPES
+    from .providers import LOSSES, QUICK_LOSSES
+    from .shapes import FULL, QUICK, SHAPES
 
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
@@ -103,9 +103,9 @@ def _choose(names: list[str], known, what: str) -> list[str]:
 
 
 def losses_main(argv: list[str]) -> dict:
-    from benchmarks import plots, runner
-    from benchmarks.providers import LOSSES, QUICK_LOSSES, all_providers
-    from benchmarks.shapes import FULL, QUICK, SHAPES
+    from . import plots, runner
+    from .providers import LOSSES, QUICK_LOSSES, all_providers
+    from .shapes import FULL, QUICK, SHAPES
 
     args = _loss_parser().parse_args(argv)
     if args.predict is not None:
@@ -149,7 +149,7 @@ def losses_main(argv: list[str]) -> dict:
 
 
 def _roofline_gpu(name: str | None, device: torch.device) -> str | None:
-    from benchmarks import roofline
+    from . import roofline
 
     if name is not None:
         if name not in roofline.GPUS:
@@ -163,9 +163,9 @@ def _roofline_gpu(name: str | None, device: torch.device) -> str | None:
 
 def predict_main(args: argparse.Namespace) -> dict:
     """``--predict GPU``: the model's tables alone, printed and written as markdown and JSON."""
-    from benchmarks import roofline
-    from benchmarks.providers import LOSSES
-    from benchmarks.shapes import SHAPES
+    from . import roofline
+    from .providers import LOSSES
+    from .shapes import SHAPES
 
     if args.predict not in roofline.GPUS:
         raise SystemExit(f"unknown GPU model {args.predict!r}; expected one of "
@@ -186,7 +186,7 @@ def predict_main(args: argparse.Namespace) -> dict:
 
 
 def metrics_main(argv: list[str]) -> dict:
-    from benchmarks import metrics_bench, runner
+    from . import metrics_bench, runner
 
     p = argparse.ArgumentParser(prog="python -m benchmarks metrics",
                                 description=metrics_bench.__doc__.split("\n\n")[0])
@@ -208,7 +208,7 @@ def metrics_main(argv: list[str]) -> dict:
 
 
 def plot_main(argv: list[str]) -> None:
-    from benchmarks import plots
+    from . import plots
 
     p = argparse.ArgumentParser(prog="python -m benchmarks plot")
     p.add_argument("results", type=Path, help="a results .json written by python -m benchmarks")
@@ -219,7 +219,7 @@ def plot_main(argv: list[str]) -> None:
 
 
 def table_main(argv: list[str]) -> None:
-    from benchmarks import summary
+    from . import summary
 
     p = argparse.ArgumentParser(prog="python -m benchmarks table")
     p.add_argument("results", type=Path, help="a results .json written by python -m benchmarks")

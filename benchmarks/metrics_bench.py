@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from benchmarks import measure
-from benchmarks.runner import environment
+from . import measure
+from .runner import environment
 
 PML_BATCH = 2048
 # Noise of the synthetic embeddings: at eval_sop_size.py's 1.2 every metric is 100, which would
@@ -63,7 +63,7 @@ def _estimate_bytes(name: str, n: int, d: int) -> int:
 
 
 def run(device: torch.device, repeats: int, noise: float = NOISE, log=print) -> dict:
-    from benchmarks.eval_sop_size import synthetic_sop
+    from .eval_sop_size import synthetic_sop
 
     emb, labels = synthetic_sop(noise)
     emb, labels = emb.to(device), labels.to(device)

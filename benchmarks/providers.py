@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from benchmarks.shapes import Shape
+from .shapes import Shape
 from mpa_kernels import functional
 from mpa_kernels.backends import BACKENDS, _load, triton_interpreting
 

@@ -57,8 +57,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from benchmarks.providers import _FUNCTIONS, HYPERPARAMETERS, SINGLE_PROXY
-from benchmarks.shapes import Shape
+from .providers import _FUNCTIONS, HYPERPARAMETERS, SINGLE_PROXY
+from .shapes import Shape
 from mpa_kernels import functional
 
 # --------------------------------------------------------------------------------------------

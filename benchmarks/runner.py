@@ -17,15 +17,15 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import measure
-from benchmarks.providers import (
+from . import measure
+from .providers import (
     DEFAULT_BYTES_PER_SCORE,
     Case,
     Provider,
     all_providers,
     unavailable_reason,
 )
-from benchmarks.shapes import Shape
+from .shapes import Shape
 from mpa_kernels.backends import BackendUnavailableError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -194,7 +194,7 @@ def _measure(provider: Provider, case: Case, opts: Options, record: dict) -> Non
 
 def _add_prediction(record: dict, case: Case, gpu: str) -> None:
     """The roofline model's times beside the measured ones, and measured / predicted."""
-    from benchmarks import roofline
+    from . import roofline
 
     if record["provider"] not in roofline.PROVIDERS:
         return

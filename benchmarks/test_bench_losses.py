@@ -14,8 +14,8 @@ import os
 import pytest
 import torch
 
-from benchmarks.providers import LOSSES, Case, all_providers, unavailable_reason
-from benchmarks.shapes import SHAPES
+from .providers import LOSSES, Case, all_providers, unavailable_reason
+from .shapes import SHAPES
 
 DEVICE = torch.device(os.environ.get("MPA_BENCH_DEVICE",
                                      "cuda" if torch.cuda.is_available() else "cpu"))

@@ -2,9 +2,13 @@
 
 The structural checks (types, ranks, shapes, devices) cost nothing and always run. The value checks
 (labels in range; rows of embeddings and proxies finite, not zero, their norms not overflowing) read
-the data, which on CUDA means a host synchronisation; the
-``validate=False`` switch turns them off for speed. Without them a kernel would read out of bounds
-or return NaN, so they are on by default.
+the data. In eager mode on the CPU they run on the host (reading a CPU tensor costs no
+synchronisation) and raise a ``ValueError`` that names the row. Elsewhere (CUDA, and any device
+while ``torch.compile`` traces) they are device-side assertions that never stall the stream
+(:func:`assert_values_async`): the label range, and every row's norm finite and above
+:data:`NORM_EPS`. A failed device-side assertion surfaces at the next synchronisation as a
+``RuntimeError`` carrying the message. ``validate=False`` turns the value checks off. Without them
+a kernel would read out of bounds or return NaN, so they are on by default.
 """
 
 from __future__ import annotations
@@ -138,3 +142,24 @@ def check_proxies(proxies: torch.Tensor, proxies_per_class: int, validate: bool 
     if validate:
         check_row_norms(proxies, "proxies")
     return proxies.shape[0] // proxies_per_class
+
+
+def value_checks_on_host(t: torch.Tensor) -> bool:
+    """Whether the value checks of a call on ``t`` run on the host (eager CPU) or as device-side
+    assertions (CUDA and other devices, and under ``torch.compile``, which cannot trace a read of
+    a tensor's value)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def assert_values_async(labels: torch.Tensor, num_classes: int, **rows: torch.Tensor) -> None:
+    """Device-side assertions, without a host sync: ``labels`` lie in ``[0, num_classes)``, and
+    every row of each tensor in ``rows`` (by name) has a finite norm above :data:`NORM_EPS` (what
+    :func:`check_row_norms` checks on the host; one pass over the rows on the device)."""
+    in_range = ((labels >= 0) & (labels < num_classes)).all()
+    torch._assert_async(in_range, f"labels must lie in [0, {num_classes})")
+    for name, t in rows.items():
+        norms = torch.linalg.vector_norm(t.detach(), dim=1)
+        torch._assert_async(
+            (torch.isfinite(norms) & (norms > NORM_EPS)).all(),
+            f"{name} have a row that is not finite, is zero, or whose norm overflows {t.dtype}",
+        )

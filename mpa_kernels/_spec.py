@@ -1,11 +1,12 @@
 """What a backend is asked to compute: one frozen description of a loss and its hyper-parameters.
 
-Every backend implements one function, ``similarity_loss(x_hat, w_hat, labels, spec)``, that returns
-the scalar similarity term of ``spec.loss`` from L2-normalised embeddings ``x_hat`` (N, d) and
-L2-normalised proxies ``w_hat`` (C*K, d), differentiable in both. The proxy regulariser (eq. 3) is
-cheap (C*K*K*d) and is added by the front end, the same for every backend.
+:class:`LossSpec` is the one description of a loss: the modules hold one (their hyper-parameter
+attributes read and replace it, their repr and state_dict record it), the functional wrappers build
+one, and backends receive it (the backend contract is in :mod:`mpa_kernels.backends`).
+:class:`ComputeOptions` says how to compute it (determinism, gradient filtering, TF32); backends
+that have no such knob ignore it.
 
-The six losses fall into two families (GUIDE.md), which is how the kernels are organised:
+The six losses fall into two families, which is how the kernels and the reductions are organised:
 
 * column-wise, one log-sum-exp per class over samples: ``mpa``, ``proxy_anchor``;
 * row-wise, one log-sum-exp per sample over classes: ``mpa_dw``, ``mpa_ap``, ``soft_triple``,
@@ -16,12 +17,14 @@ The six losses fall into two families (GUIDE.md), which is how the kernels are o
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 LOSSES = ("mpa", "mpa_dw", "mpa_ap", "soft_triple", "proxy_anchor", "proxy_nca")
 COLUMN_WISE = frozenset({"mpa", "proxy_anchor"})
 SIMILARITIES = ("softmax", "max", "mean")
+REDUCTIONS = ("mean", "sum", "none")
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,8 @@ class LossSpec:
 
     ``alpha`` is the scale of the logits (``alpha`` of MPA/ProxyAnchor, ``la`` of SoftTriple,
     ``2 * scale`` of ProxyNCA); ``delta`` the margin; ``gamma`` the temperature of the intra-class
-    softmax over the ``proxies_per_class`` proxies of a class.
+    softmax over the ``proxies_per_class`` proxies of a class; ``tau`` the weight of the proxy
+    regulariser (eq. 3), which the front end (or a backend's ``proxy_terms``) adds.
     """
 
     loss: str
@@ -40,16 +44,75 @@ class LossSpec:
     delta: float
     gamma: float = 0.1
     similarity: str = "softmax"
+    tau: float = 0.0
 
     def __post_init__(self) -> None:
         check_loss_hyperparameters(
             self.loss, self.num_classes, self.proxies_per_class, self.alpha, self.delta,
-            self.gamma, 0.0, self.similarity,
+            self.gamma, self.tau, self.similarity,
         )
+        for name in ("alpha", "delta", "gamma", "tau"):
+            object.__setattr__(self, name, float(getattr(self, name)))
 
     @property
     def column_wise(self) -> bool:
         return self.loss in COLUMN_WISE
+
+    def to_dict(self) -> dict:
+        """Plain str/int/float values (what a state_dict records; loads with weights_only)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "LossSpec":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - names
+        if unknown:
+            raise ValueError(f"not fields of a LossSpec: {sorted(unknown)}")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class ComputeOptions:
+    """How to compute a loss, per call; ``None`` takes the backend's module-level default.
+
+    * ``deterministic``: no order-dependent atomics (a bitwise-reproducible backward);
+    * ``filter_eps``: skip backward tiles whose class-level weights are all below it (gradient
+      filtering; the loss stays exact);
+    * ``allow_tf32``: TF32 dots for fp32 inputs.
+
+    Honoured by the ``"triton-linear"`` backend. The others ignore them: ``"reference"`` and
+    ``"torch"`` are deterministic for a given device and thread count and never filter; their
+    fp32 matmuls on CUDA follow ``torch.backends.cuda.matmul.allow_tf32``.
+    """
+
+    deterministic: bool | None = None
+    filter_eps: float | None = None
+    allow_tf32: bool | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("deterministic", "allow_tf32"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise TypeError(f"{name} must be True, False or None, got {value!r}")
+        if self.filter_eps is not None:
+            check_number("filter_eps", self.filter_eps, nonnegative=True)
+
+    def for_backend(self, module) -> dict:
+        """The options ``module`` declares in its ``OPTIONS``, as keyword arguments; unset ones
+        are left out so that the backend's defaults apply."""
+        honoured = getattr(module, "OPTIONS", ())
+        return {name: getattr(self, name) for name in honoured if getattr(self, name) is not None}
+
+
+def check_reduction(reduction: str, spec: LossSpec) -> None:
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
+    if reduction == "sum" and spec.column_wise:
+        raise ValueError(
+            f"reduction='sum' has no meaning for {spec.loss!r}: its loss is already a sum over "
+            "classes (positive terms over the classes in the batch, negative terms over all "
+            "classes); reduction='none' gives the per-class terms whose sum is the loss"
+        )
 
 
 def check_number(name: str, value, *, positive: bool = False, nonnegative: bool = False) -> None:

@@ -26,12 +26,16 @@ __all__ = [
     "log1p_sum_exp",
     "class_similarity",
     "proxy_regularizer",
+    "soft_triple_similarity_terms",
     "soft_triple_similarity_loss",
     "soft_triple_loss",
+    "mpa_similarity_terms",
     "mpa_similarity_loss",
     "mpa_loss",
+    "mpa_dw_similarity_terms",
     "mpa_dw_similarity_loss",
     "mpa_dw_loss",
+    "mpa_ap_similarity_terms",
     "mpa_ap_similarity_loss",
     "mpa_ap_loss",
     "proxy_anchor_loss",
@@ -107,17 +111,26 @@ def _one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return F.one_hot(labels, num_classes).bool()
 
 
+def soft_triple_similarity_terms(
+    S: torch.Tensor, labels: torch.Tensor, la: float = 20.0, delta: float = 0.01
+) -> torch.Tensor:
+    """SoftTriple's per-sample terms, eq. 2, shape ``(N,)``.
+
+    ``L_i = -log( exp(la (S_iy - delta)) / (exp(la (S_iy - delta)) + sum_{c != y} exp(la S_ic)) )``,
+    a cross-entropy over the logits ``la * (S - delta * onehot(y))``.
+    """
+    logits = la * (S - delta * _one_hot(labels, S.shape[1]).to(S.dtype))
+    return torch.logsumexp(logits, dim=1) - logits.gather(1, labels[:, None]).squeeze(1)
+
+
 def soft_triple_similarity_loss(
     S: torch.Tensor, labels: torch.Tensor, la: float = 20.0, delta: float = 0.01
 ) -> torch.Tensor:
     """SoftTriple similarity loss, eq. 2, averaged over the batch.
 
-    ``L_i = -log( exp(la (S_iy - delta)) / (exp(la (S_iy - delta)) + sum_{c != y} exp(la S_ic)) )``,
-    a cross-entropy over the logits ``la * (S - delta * onehot(y))``.
     The paper sums over the batch in eq. 4; like SoftTriple's own code we take the mean.
     """
-    logits = la * (S - delta * _one_hot(labels, S.shape[1]).to(S.dtype))
-    return (torch.logsumexp(logits, dim=1) - logits.gather(1, labels[:, None]).squeeze(1)).mean()
+    return soft_triple_similarity_terms(S, labels, la, delta).mean()
 
 
 def soft_triple_loss(
@@ -142,21 +155,31 @@ def soft_triple_loss(
     )
 
 
+def mpa_similarity_terms(
+    S: torch.Tensor, labels: torch.Tensor, alpha: float = 32.0, delta: float = 0.1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MPA's per-class terms, eq. 6: ``(P, N)``, each of shape ``(C,)``.
+
+    ``P_c = log(1 + sum_{i: y_i = c} exp(-alpha (S_ic - delta)))`` (exactly 0 for a class with no
+    sample in the batch) and ``N_c = log(1 + sum_{i: y_i != c} exp(alpha (S_ic + delta)))``.
+    """
+    pos = _one_hot(labels, S.shape[1])  # (N, C)
+    P = log1p_sum_exp(-alpha * (S - delta), pos, dim=0)
+    Nc = log1p_sum_exp(alpha * (S + delta), ~pos, dim=0)
+    return P, Nc
+
+
 def mpa_similarity_loss(
     S: torch.Tensor, labels: torch.Tensor, alpha: float = 32.0, delta: float = 0.1
 ) -> torch.Tensor:
     """MPA similarity loss, eq. 6 (class-wise).
 
-    For each class ``c``:
-    ``P_c = log(1 + sum_{i: y_i = c} exp(-alpha (S_ic - delta)))`` and
-    ``N_c = log(1 + sum_{i: y_i != c} exp(alpha (S_ic + delta)))``.
-    ``L = sum_{c in C+} P_c / |C+| + sum_c N_c / C``, with ``C+`` the classes that have a positive in
-    the batch and ``C`` the number of all classes (ProxyAnchor's convention for ``|C-|``).
+    ``L = sum_{c in C+} P_c / |C+| + sum_c N_c / C`` over the terms of
+    :func:`mpa_similarity_terms`, with ``C+`` the classes that have a positive in the batch and
+    ``C`` the number of all classes (ProxyAnchor's convention for ``|C-|``).
     """
-    pos = _one_hot(labels, S.shape[1])  # (N, C)
-    P = log1p_sum_exp(-alpha * (S - delta), pos, dim=0)  # (C,)
-    Nc = log1p_sum_exp(alpha * (S + delta), ~pos, dim=0)  # (C,)
-    present = pos.any(dim=0)
+    P, Nc = mpa_similarity_terms(S, labels, alpha, delta)
+    present = _one_hot(labels, S.shape[1]).any(dim=0)
     return P.sum() / present.sum() + Nc.sum() / S.shape[1]
 
 
@@ -178,18 +201,24 @@ def mpa_loss(
     )
 
 
-def mpa_dw_similarity_loss(
+def mpa_dw_similarity_terms(
     S: torch.Tensor, labels: torch.Tensor, alpha: float = 32.0, delta: float = 0.1
 ) -> torch.Tensor:
-    """MPA-DW similarity loss, eq. 12 (data-wise).
-
-    ``L = mean_i [ log(1 + exp(-alpha (S_iy - delta))) + log(1 + sum_{c != y} exp(alpha (S_ic + delta))) ]``.
+    """MPA-DW's per-sample terms, eq. 12, shape ``(N,)``:
+    ``log(1 + exp(-alpha (S_iy - delta))) + log(1 + sum_{c != y} exp(alpha (S_ic + delta)))``.
     """
     pos = _one_hot(labels, S.shape[1])
     s_pos = S.gather(1, labels[:, None]).squeeze(1)
     pos_term = F.softplus(-alpha * (s_pos - delta))
     neg_term = log1p_sum_exp(alpha * (S + delta), ~pos, dim=1)
-    return (pos_term + neg_term).mean()
+    return pos_term + neg_term
+
+
+def mpa_dw_similarity_loss(
+    S: torch.Tensor, labels: torch.Tensor, alpha: float = 32.0, delta: float = 0.1
+) -> torch.Tensor:
+    """MPA-DW similarity loss, eq. 12 (data-wise): the mean of :func:`mpa_dw_similarity_terms`."""
+    return mpa_dw_similarity_terms(S, labels, alpha, delta).mean()
 
 
 def mpa_dw_loss(
@@ -210,17 +239,25 @@ def mpa_dw_loss(
     )
 
 
-def mpa_ap_similarity_loss(
+def mpa_ap_similarity_terms(
     S: torch.Tensor, labels: torch.Tensor, alpha: float = 32.0, delta: float = 0.1
 ) -> torch.Tensor:
-    """MPA-AP similarity loss, eq. 15-16 (data-wise, all pairs).
+    """MPA-AP's per-sample terms, eq. 15-16, shape ``(N,)``.
 
     ``S'_ic = delta - S_ic`` if ``c = y_i`` else ``S_ic + delta`` (eq. 15), and
-    ``L = mean_i log(1 + sum_c exp(alpha S'_ic))`` (eq. 16).
+    ``L_i = log(1 + sum_c exp(alpha S'_ic))`` (eq. 16).
     """
     pos = _one_hot(labels, S.shape[1])
     S_margin = torch.where(pos, delta - S, S + delta)
-    return log1p_sum_exp(alpha * S_margin, dim=1).mean()
+    return log1p_sum_exp(alpha * S_margin, dim=1)
+
+
+def mpa_ap_similarity_loss(
+    S: torch.Tensor, labels: torch.Tensor, alpha: float = 32.0, delta: float = 0.1
+) -> torch.Tensor:
+    """MPA-AP similarity loss, eq. 16 (data-wise, all pairs): the mean of
+    :func:`mpa_ap_similarity_terms`."""
+    return mpa_ap_similarity_terms(S, labels, alpha, delta).mean()
 
 
 def mpa_ap_loss(

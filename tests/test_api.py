@@ -242,6 +242,164 @@ def test_auto_on_cuda_prefers_fused_linear_for_large_similarity_tensors(monkeypa
     assert backends.auto_backend(cuda, large) == "triton"  # no shape given: no size rule
 
 
+def _recording_backend(monkeypatch, name="triton-linear"):
+    """Backend ``name`` replaced by one that records the keyword arguments it is called with."""
+    import types
+
+    from mpa_kernels import backends
+
+    reference_backend = backends._load("reference")
+    calls = []
+
+    def similarity_loss(x_hat, w_hat, labels, spec, **options):
+        calls.append(options)
+        return reference_backend.similarity_terms(x_hat, w_hat, labels, spec).mean()
+
+    fake = types.SimpleNamespace(__name__="recording", LOW_PRECISION=False,
+                                 unavailable_reason=lambda device: None,
+                                 OPTIONS=("deterministic", "filter_eps", "allow_tf32"),
+                                 similarity_loss=similarity_loss)
+    monkeypatch.setitem(backends.sys.modules, backends._MODULES[name], fake)
+    return calls
+
+
+def test_compute_options_are_per_call_and_per_module(monkeypatch):
+    calls = _recording_backend(monkeypatch)
+    x, labels = _batch()
+    w = torch.randn(12, 8, dtype=F64)
+    MF.mpa_ap_loss(x, labels, w, proxies_per_class=2, backend="triton-linear",
+                   deterministic=True, filter_eps=1e-3)
+    MF.mpa_ap_loss(x, labels, w, proxies_per_class=2, backend="triton-linear")
+    # Two losses in one program with different settings.
+    exact = mpa_kernels.MPALoss(6, 8, 2, backend="triton-linear", allow_tf32=False)
+    filtered = mpa_kernels.MPALoss(6, 8, 2, backend="triton-linear", filter_eps=1e-4)
+    exact(x, labels)
+    filtered(x, labels)
+    assert calls == [{"deterministic": True, "filter_eps": 1e-3}, {}, {"allow_tf32": False},
+                     {"filter_eps": 1e-4}]
+    # A backend without the knobs is not handed them (the reference would refuse the keywords).
+    value = MF.mpa_ap_loss(x, labels, w, proxies_per_class=2, backend="reference",
+                           deterministic=True, filter_eps=1e-3, allow_tf32=True)
+    assert value.item() == pytest.approx(
+        reference.mpa_ap_loss(x, labels, w, 2).item(), rel=1e-12)
+    with pytest.raises(TypeError, match="deterministic must be True, False or None"):
+        MF.mpa_ap_loss(x, labels, w, proxies_per_class=2, deterministic="yes")
+    with pytest.raises(ValueError, match="filter_eps must be >= 0"):
+        mpa_kernels.MPALoss(6, 8, filter_eps=-1.0)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'determinstic'"):
+        MF.mpa_loss(x, labels, w, proxies_per_class=2, determinstic=True)
+
+
+def test_spec_is_the_one_description():
+    loss_fn = mpa_kernels.MPADWLoss(6, 8, 3, alpha=16.0, tau=0.1)
+    assert loss_fn.spec == mpa_kernels.LossSpec("mpa_dw", 6, 3, 16.0, 0.1, 0.1, "softmax", 0.1)
+    loss_fn.alpha, loss_fn.similarity = 24, "max"
+    assert (loss_fn.spec.alpha, loss_fn.spec.similarity) == (24.0, "max")
+    assert "alpha=24.0" in repr(loss_fn) and "similarity='max'" in repr(loss_fn)
+    with pytest.raises(ValueError, match="gamma must be > 0"):
+        loss_fn.gamma = 0.0
+    with pytest.raises(ValueError, match="unknown similarity"):
+        loss_fn.similarity = "min"
+    for name in ("num_classes", "proxies_per_class", "embedding_size"):
+        with pytest.raises(AttributeError, match=f"{name} of a MPADWLoss is fixed"):
+            setattr(loss_fn, name, 2)
+    assert (loss_fn.num_classes, loss_fn.proxies_per_class, loss_fn.embedding_size) == (6, 3, 8)
+
+
+def test_proxy_nca_has_scale_not_alpha():
+    x, labels = _batch()
+    nca = mpa_kernels.ProxyNCALoss(6, 8, backend="reference", dtype=F64)
+    assert "scale=9.0" in repr(nca) and "alpha" not in repr(nca)
+    nca.scale = 3.0
+    expected = reference.proxy_nca_loss(x, labels, nca.proxies.detach(), scale=3.0)
+    assert nca(x, labels).item() == pytest.approx(expected.item(), rel=1e-12)
+    with pytest.raises(AttributeError, match="ProxyNCALoss has no hyper-parameter 'alpha'.*scale"):
+        nca.alpha = 18.0
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        nca.scale = -1.0
+    with pytest.raises(AttributeError, match="no hyper-parameter 'tau'"):
+        mpa_kernels.ProxyAnchorLoss(6, 8).tau = 0.5
+
+
+def test_state_dict_records_the_spec_and_refuses_another_loss(tmp_path):
+    source = mpa_kernels.MPALoss(4, 8, proxies_per_class=3, alpha=20.0)
+    torch.save(source.state_dict(), tmp_path / "loss.pt")
+    state = torch.load(tmp_path / "loss.pt", weights_only=True)
+    target = mpa_kernels.MPALoss(4, 8, proxies_per_class=3)
+    target.load_state_dict(state)
+    assert target.alpha == 20.0 and torch.equal(target.proxies, source.proxies)
+    # The same 12 x 8 proxies, grouped differently: refused, not regrouped.
+    with pytest.raises(ValueError, match="4 classes x 3 proxies.*6 classes x 2 proxies"):
+        mpa_kernels.MPALoss(6, 8, proxies_per_class=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="'mpa' loss.*'mpa_ap'"):
+        mpa_kernels.MPAAPLoss(4, 8, proxies_per_class=3).load_state_dict(state)
+
+
+def test_device_path_validation_never_reads_a_value_on_the_host(monkeypatch):
+    """On CUDA (and under torch.compile) the value checks are device-side assertions. Fake tensors
+    have no values: any host read (``.item()``, ``bool(t)``, ``int(t)``) raises. With the checks
+    on the device path a forward and backward of each family run through; the host path reads."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+
+    def run():
+        with FakeTensorMode():
+            x = torch.randn(12, 8, requires_grad=True)
+            w = torch.randn(18, 8, requires_grad=True)
+            labels = torch.randint(0, 6, (12,))
+            for fn in (MF.mpa_loss, MF.mpa_ap_loss):
+                fn(x, labels, w, proxies_per_class=3, backend="reference").backward()
+            MF.mpa_loss(x, labels, w, proxies_per_class=3, backend="reference", reduction="none")
+
+    monkeypatch.setattr(MF, "value_checks_on_host", lambda t: False)
+    run()
+    monkeypatch.setattr(MF, "value_checks_on_host", lambda t: True)
+    with pytest.raises(DataDependentOutputException):
+        run()
+
+
+def test_device_path_validation_asserts(monkeypatch):
+    monkeypatch.setattr(MF, "value_checks_on_host", lambda t: False)
+    x, labels = _batch()
+    w = torch.randn(12, 8, dtype=F64)
+    with pytest.raises(RuntimeError, match=r"labels must lie in \[0, 6\)"):
+        MF.mpa_loss(x, labels + 1, w, proxies_per_class=2, backend="reference")
+    w[5, 2] = float("nan")
+    with pytest.raises(RuntimeError, match="proxies have a row that is not finite"):
+        MF.mpa_loss(x, labels, w, proxies_per_class=2, backend="reference")
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_of_model_and_loss_with_validation_on():
+    """A model and a loss with the default call options (validate=True), compiled with
+    fullgraph=True, on the CPU path that traces (backend="reference"; see the README for the
+    "torch" backend). aot_eager: dynamo's capture and the autograd graph, without Inductor's
+    code generation (minutes on this machine)."""
+    net = torch.nn.Linear(16, 8).double()
+    loss_fn = mpa_kernels.MPAAPLoss(5, 8, 3, backend="reference", dtype=F64)
+    x, labels = torch.randn(20, 16, dtype=F64), torch.arange(20) % 5
+
+    def step(x, labels):
+        return loss_fn(net(x), labels)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    value = compiled(x, labels)
+    value.backward()
+    assert value.item() == pytest.approx(step(x, labels).item(), rel=1e-12)
+    with pytest.raises(RuntimeError, match=r"labels must lie in \[0, 5\)"):
+        compiled(x, labels + 1)
+
+
+def test_readme_quick_start_runs_and_learns(capsys):
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = text.split("## Quick start", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    namespace = {}
+    exec(compile(block, "README.md (Quick start)", "exec"), namespace)
+    assert namespace["loss"].item() < 1.0  # from about 10 at the first step
+    assert "recall@1" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("backend", ["reference", "torch", "triton", "triton-linear"])
 def test_backends_normalise_each_input_once(backend):
     """Past the checks (validate=False), a row of zeros gets the gradient of one clamped

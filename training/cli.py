@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from training import config, distributed
-from training.backbones import IMAGENET_BACKBONES, random_init_note
-from training.config import ConfigError
-from training.distributed import Context
+from . import config, distributed
+from .backbones import IMAGENET_BACKBONES, random_init_note
+from .config import ConfigError
+from .distributed import Context
 
 # Import names of what the [train] extra installs. Checked before anything trains: matplotlib, for
 # one, is first needed by the report, after the last run.
@@ -28,7 +28,7 @@ TRAIN_EXTRA = ("PIL", "scipy", "sklearn", "tqdm", "matplotlib")
 def run_experiment(cfg: dict, ctx: Context) -> list[dict]:
     """Every loss and seed of one experiment, then its table (printed) and report files; returns
     the runs' results (on the main rank; empty on the others)."""
-    from training import engine, report
+    from . import engine, report
 
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         return _refuse(f"training needs the [train] extra, which is not installed (no module "
                        f"{', '.join(missing)}): pip install \"mpa-kernels[train]\"")
-    from training import datasets, engine, sweep
+    from . import datasets, engine, sweep
 
     try:
         key, grids = sweep.parse(args.sweep, configs) if args.sweep else (None, None)
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(name: str, configs: list[dict], key, grids) -> int:
-    from training import engine, sweep
+    from . import engine, sweep
 
     start = time.perf_counter()
     config.check_device(configs[0]["device"])

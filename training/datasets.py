@@ -15,7 +15,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from training import transforms
+from . import transforms
 
 # The synthetic set is the same for every seed: seeds vary the training, not the data.
 SYNTHETIC_DATA_SEED = 1234

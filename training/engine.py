@@ -33,9 +33,9 @@ from torch.utils.data import DataLoader, Sampler
 
 import mpa_kernels
 from mpa_kernels.backends import BackendUnavailableError
-from training import backbones, config, datasets, distributed, evaluation
-from training.config import ConfigError
-from training.distributed import Context
+from . import backbones, config, datasets, distributed, evaluation
+from .config import ConfigError
+from .distributed import Context
 
 LOSSES = {
     "mpa": mpa_kernels.MPALoss,

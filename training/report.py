@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from training.engine import DISPLAY_NAMES
-from training.evaluation import columns
+from .engine import DISPLAY_NAMES
+from .evaluation import columns
 
 # The paper's row order: baselines first, then the MPA family.
 ORDER = ("soft_triple", "proxy_anchor", "proxy_nca", "mpa", "mpa_dw", "mpa_ap")

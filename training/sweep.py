@@ -25,10 +25,10 @@ from typing import Callable
 
 import numpy as np
 
-from training import config, report
-from training.config import ConfigError
-from training.engine import DISPLAY_NAMES, make_loss
-from training.evaluation import columns
+from . import config, report
+from .config import ConfigError
+from .engine import DISPLAY_NAMES, make_loss
+from .evaluation import columns
 
 # Keys that shape the sweep itself (its folders, its lines and error bars, its table's columns)
 # rather than a run.

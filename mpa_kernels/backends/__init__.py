@@ -2,16 +2,35 @@
 
 A backend is a module in this package that defines
 
-* ``similarity_loss(x_hat, w_hat, labels, spec) -> Tensor``: the scalar similarity term of
-  ``spec.loss`` (see :mod:`mpa_kernels._spec`), differentiable in ``x_hat`` and ``w_hat``;
 * ``unavailable_reason(device: torch.device) -> str | None``: why it cannot run on that device
   (``None`` when it can);
 * ``LOW_PRECISION``: ``True`` if it computes fp16/bf16 inputs itself (accumulating in fp32);
   otherwise the front end hands it fp32 copies;
-* optionally ``proxy_loss(x_hat, proxies, labels, spec, tau) -> Tensor``: the whole loss from
-  *raw* proxies (similarity term plus ``tau`` times the regulariser of eq. 3), for a backend that
-  fuses the proxies' normalisation and the regulariser into its own sweep; the front end then
-  calls it instead of ``similarity_loss``;
+* the loss, in one or more of these forms (``x_hat``: unit embeddings (N, d); ``w_hat``: unit
+  proxies (C*K, d); ``proxies``: raw proxies; ``spec``: the :class:`~mpa_kernels._spec.LossSpec`):
+
+  - ``similarity_terms(x_hat, w_hat, labels, spec, **options) -> Tensor``: the similarity term
+    unreduced. Row-wise family: ``(N,)``, sample ``i``'s term (the loss is their mean).
+    Column-wise family: ``(2, C)``, row 0 the positive terms ``P_c`` (exactly 0 for a class with
+    no sample in the batch), row 1 the negative terms ``N_c`` (the loss is
+    ``sum_c P_c / |C+| + sum_c N_c / C``, ``C+`` the classes present in the batch). The front end
+    reduces them (:func:`mpa_kernels.functional.reduce_terms`), adds the regulariser and serves
+    every ``reduction``. Because they are sums of per-row or per-class pieces, the same contract
+    serves proxies sharded over devices (partial terms, global counts).
+  - ``proxy_terms(x_hat, proxies, labels, spec, **options) -> (terms, regularizer)``: the same
+    terms from *raw* proxies, with the unscaled regulariser of eq. 3 (a 0-dim tensor), for a
+    backend that fuses the proxies' normalisation and the regulariser into its own sweep.
+  - ``similarity_loss(x_hat, w_hat, labels, spec, **options) -> Tensor`` and optionally
+    ``proxy_loss(x_hat, proxies, labels, spec, tau, **options)``: the scalar loss (the mean)
+    only. A backend with only these serves ``reduction="mean"``; asked for another reduction by
+    name it raises :class:`BackendUnavailableError`, and ``"auto"`` skips it.
+
+  For ``reduction="mean"`` the front end prefers the scalar forms (a backend may fuse more when it
+  knows the reduction, e.g. form the gradient during the forward), for the others it needs the
+  terms; among either, the raw-proxy form when present (no C*K*d copy of the proxies is made).
+* optionally ``OPTIONS``: the names of the :class:`~mpa_kernels._spec.ComputeOptions` that its
+  entry points take as keyword arguments; the others are not passed (the backend has no such
+  knob);
 * optionally ``SECOND_DERIVATIVES = True`` if its gradient is itself differentiable (double
   backward, ``create_graph=True``); without it the front end refuses ``create_graph=True`` with a
   clear error rather than return a second derivative that treats the gradient as a constant;
@@ -72,10 +91,19 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _refusal(module: ModuleType, device: torch.device, spec: LossSpec | None) -> str | None:
+def computes_terms(module: ModuleType) -> bool:
+    """Whether the backend returns unreduced terms (and so serves every reduction)."""
+    return hasattr(module, "similarity_terms") or hasattr(module, "proxy_terms")
+
+
+def _refusal(module: ModuleType, device: torch.device, spec: LossSpec | None,
+             reduction: str = "mean") -> str | None:
     reason = module.unavailable_reason(device)
     if reason is None and spec is not None and hasattr(module, "unsupported_reason"):
         reason = module.unsupported_reason(spec)
+    if reason is None and reduction != "mean" and not computes_terms(module):
+        reason = (f"it computes only reduction='mean' (it has no similarity_terms or proxy_terms "
+                  f"entry point), not reduction={reduction!r}; use backend='reference' or 'auto'")
     return reason
 
 
@@ -96,6 +124,7 @@ def auto_backend(
     spec: LossSpec | None = None,
     batch_size: int | None = None,
     element_size: int = 4,
+    reduction: str = "mean",
 ) -> str:
     """The rule behind ``backend="auto"``: the fastest backend that can run on ``device``.
 
@@ -104,8 +133,8 @@ def auto_backend(
     ``"triton"``. CPU tensors go to the chunked PyTorch backend. The Triton interpreter
     (``TRITON_INTERPRET=1``) is for testing and is only used when ``"triton"`` or
     ``"triton-linear"`` is asked for by name. A backend this version does not ship, or one that
-    cannot compute ``spec`` (say, more proxies per class than its kernels hold), is skipped, down
-    to the reference, which runs everywhere.
+    cannot compute ``spec`` (say, more proxies per class than its kernels hold) or ``reduction``, is
+    skipped, down to the reference, which runs everywhere.
     """
     if device.type == "cuda":
         preference = ("triton", "torch", "reference")
@@ -117,7 +146,7 @@ def auto_backend(
         preference = ("torch", "reference")
     for name in preference:
         module = _load(name)
-        if module is not None and _refusal(module, device, spec) is None:
+        if module is not None and _refusal(module, device, spec, reduction) is None:
             return name
     return "reference"
 
@@ -128,11 +157,12 @@ def resolve(
     spec: LossSpec | None = None,
     batch_size: int | None = None,
     element_size: int = 4,
+    reduction: str = "mean",
 ) -> ModuleType:
     """The module implementing backend ``name`` on ``device``; a clear error if there is none."""
     check_backend_name(name)
     if name == "auto":
-        name = auto_backend(device, spec, batch_size, element_size)
+        name = auto_backend(device, spec, batch_size, element_size, reduction)
     module = _load(name)
     if module is None:
         available = [n for n in _MODULES if _load(n) is not None]
@@ -140,7 +170,7 @@ def resolve(
             f"backend {name!r} is not implemented in this version of mpa-kernels; "
             f"available backends: {available}"
         )
-    reason = _refusal(module, device, spec)
+    reason = _refusal(module, device, spec, reduction)
     if reason is not None:
         raise BackendUnavailableError(f"backend {name!r} cannot run on {device}: {reason}")
     return module

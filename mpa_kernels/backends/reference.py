@@ -1,26 +1,28 @@
-"""The ``"reference"`` backend: autograd through the plain-PyTorch oracle in :mod:`reference`.
+"""The ``"reference"`` backend: autograd through the plain-PyTorch oracle in
+:mod:`mpa_kernels.reference`.
 
 Slow and memory-hungry (it keeps several N x C x K tensors for the backward pass), and the
-yardstick every other backend is tested against.
+yardstick every other backend is tested against. It returns the unreduced terms (every reduction)
+and has none of the compute options (deterministic for a given device and thread count).
 """
 
 from __future__ import annotations
 
 import torch
 
-import reference
+from mpa_kernels import reference
 from mpa_kernels._spec import LossSpec
 
 LOW_PRECISION = False
 SECOND_DERIVATIVES = True  # autograd through plain torch operations, differentiable again
 
-_SIMILARITY_LOSSES = {
-    "mpa": reference.mpa_similarity_loss,
-    "proxy_anchor": reference.mpa_similarity_loss,
-    "mpa_dw": reference.mpa_dw_similarity_loss,
-    "mpa_ap": reference.mpa_ap_similarity_loss,
-    "soft_triple": reference.soft_triple_similarity_loss,
-    "proxy_nca": reference.soft_triple_similarity_loss,
+_TERMS = {
+    "mpa": reference.mpa_similarity_terms,
+    "proxy_anchor": reference.mpa_similarity_terms,
+    "mpa_dw": reference.mpa_dw_similarity_terms,
+    "mpa_ap": reference.mpa_ap_similarity_terms,
+    "soft_triple": reference.soft_triple_similarity_terms,
+    "proxy_nca": reference.soft_triple_similarity_terms,
 }
 
 
@@ -28,11 +30,12 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def similarity_loss(
+def similarity_terms(
     x_hat: torch.Tensor, w_hat: torch.Tensor, labels: torch.Tensor, spec: LossSpec
 ) -> torch.Tensor:
     # x_hat and w_hat are unit rows already: normalising them again would divide the gradient of a
     # clamped row by eps twice.
     S = reference.class_similarity(x_hat, w_hat, spec.proxies_per_class, spec.similarity,
                                    spec.gamma, normalise=False)
-    return _SIMILARITY_LOSSES[spec.loss](S, labels, spec.alpha, spec.delta)
+    terms = _TERMS[spec.loss](S, labels, spec.alpha, spec.delta)
+    return torch.stack(terms) if spec.column_wise else terms

@@ -6,8 +6,9 @@ Fused-linear Triton kernels (:mod:`mpa_kernels.kernels.linear`) compute tiles of
 statistics; the backward recomputes the tiles. fp16/bf16 inputs stay in their dtype, fp32 uses TF32
 when allowed, fp64 is computed in fp32 and the loss comes back in fp64.
 
-Settings (module attributes, read at each call; keyword arguments of :func:`similarity_loss`
-override them):
+Settings (module attributes, read at each call, are the defaults; the loss's per-call options
+``deterministic``, ``filter_eps`` and ``allow_tf32`` reach :func:`similarity_loss` as keyword
+arguments and override them):
 
 * ``DETERMINISTIC`` (``None``: follow ``torch.are_deterministic_algorithms_enabled()``): no
   order-dependent atomics in the backward, at the price of recomputing s once more (5 instead of 4
@@ -31,6 +32,9 @@ from mpa_kernels.backends import BackendUnavailableError, triton_interpreting
 from mpa_kernels.backends.triton_s import proxies_limit_reason, unavailable_reason  # noqa: F401
 
 LOW_PRECISION = True
+
+# The per-call options (mpa_kernels._spec.ComputeOptions) that the front end passes on.
+OPTIONS = ("deterministic", "filter_eps", "allow_tf32")
 
 DETERMINISTIC: bool | None = None
 FILTER_EPS: float = 0.0
