@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
 import mpa_kernels
+from mpa_kernels.parallel import ClassParallelLoss
 from training import backbones, datasets, distributed, evaluation
 from training.config import ConfigError
 from training.distributed import Context
@@ -45,7 +46,8 @@ _SHARED_ARGS = ("proxies_per_class", "alpha", "delta", "gamma", "tau", "similari
 
 
 def make_loss(cfg: dict, name: str, num_classes: int) -> nn.Module:
-    """The loss ``name`` with the config's hyper-parameters that it accepts, then ``loss_args``."""
+    """The loss ``name`` with the config's hyper-parameters that it accepts, then ``loss_args``;
+    with ``class_parallel``, its class-parallel form over the default process group."""
     cls = LOSSES[name]
     accepted = inspect.signature(cls.__init__).parameters
     kwargs = {k: cfg[k] for k in _SHARED_ARGS if k in accepted}
@@ -54,6 +56,8 @@ def make_loss(cfg: dict, name: str, num_classes: int) -> nn.Module:
     if unknown:
         raise ConfigError(f"loss_args.{name}: {unknown} are not arguments of {cls.__name__}")
     kwargs.update(extra)
+    if cfg["class_parallel"]:
+        return ClassParallelLoss(cls, num_classes, cfg["embedding_size"], **kwargs)
     return cls(num_classes=num_classes, embedding_size=cfg["embedding_size"], **kwargs)
 
 
@@ -65,6 +69,8 @@ class LossModel(nn.Module):
         self.net, self.criterion, self.ctx = net, criterion, ctx
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.criterion, ClassParallelLoss):  # it gathers the batch itself
+            return self.criterion(self.net(x), labels)
         embeddings = distributed.gather_with_grad(self.net(x), self.ctx)
         return self.criterion(embeddings, distributed.gather(labels, self.ctx))
 
@@ -146,7 +152,10 @@ class Run:
             weight_decay=cfg["weight_decay"])
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, cfg["lr_step"],
                                                          cfg["lr_decay"])
-        if ctx.distributed:
+        self.class_parallel = cfg["class_parallel"]
+        if ctx.distributed and self.class_parallel:
+            self.train_model = distributed.class_parallel_model(self.model, ctx)
+        elif ctx.distributed:
             ids = [ctx.device.index] if ctx.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.model, device_ids=ids)
         else:
@@ -157,9 +166,24 @@ class Run:
         self.autocast = ctx.device.type == "cuda" and cfg["amp"]
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def state(self, rng_states: list) -> dict:
-        return {"epoch": self.epoch, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+    def model_state(self) -> dict:
+        """The model's state dict with all C*K proxies (class-parallel: gathered from every rank,
+        so a collective), loadable by any number of ranks and by the single-process loss."""
+        state = self.model.state_dict()
+        if self.class_parallel:
+            state.pop("criterion._extra_state")
+            state["criterion.proxies"] = self.model.criterion.full_proxies()
+        return state
+
+    def optimizer_state(self):
+        """The optimiser state; class-parallel: every rank's (a collective), as each holds the
+        state of its own proxies."""
+        state = self.optimizer.state_dict()
+        return distributed.gather_objects(state, self.ctx) if self.class_parallel else state
+
+    def state(self, rng_states: list, model_state: dict, optimizer_state) -> dict:
+        return {"epoch": self.epoch, "model": model_state,
+                "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
                 "rng": rng_states, "history": self.history, "best": self.best,
                 "loss": self.loss_name, "seed": self.seed, "config": self.cfg}
 
@@ -172,16 +196,22 @@ class Run:
             raise ConfigError(f"{path} was written by {len(ckpt['rng'])} ranks; resume it with "
                               "the same number")
         self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        optimizer = ckpt["optimizer"]
+        if isinstance(optimizer, list) != self.class_parallel:
+            raise ConfigError(f"{path} was written with class_parallel={not self.class_parallel}; "
+                              "resume it the same way")
+        self.optimizer.load_state_dict(optimizer[self.ctx.rank] if self.class_parallel
+                                       else optimizer)
         self.scheduler.load_state_dict(ckpt["scheduler"])
         _set_rng_state(ckpt["rng"][self.ctx.rank])
         self.epoch, self.history, self.best = ckpt["epoch"], ckpt["history"], ckpt["best"]
 
     def _save(self) -> None:
         rng = distributed.gather_objects(_rng_state(), self.ctx)
+        model, optimizer = self.model_state(), self.optimizer_state()
         if self.ctx.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
-            _atomic_save(self.state(rng), self.dir / "last.pt")
+            _atomic_save(self.state(rng, model, optimizer), self.dir / "last.pt")
             self._write_log()
         distributed.barrier(self.ctx)
 
@@ -271,9 +301,10 @@ class Run:
             self.history.append(row)
             if self.best is None or scores[first_metric] > self.best[first_metric]:
                 self.best = dict(scores, epoch=self.epoch)
+                model = self.model_state()  # every rank: gathering the proxies is a collective
                 if self.ctx.is_main:
                     self.dir.mkdir(parents=True, exist_ok=True)
-                    _atomic_save({"model": self.model.state_dict(), "epoch": self.epoch,
+                    _atomic_save({"model": model, "epoch": self.epoch,
                                   "metrics": scores, "config": cfg}, self.dir / "best.pt")
             self._save()
             if writer is not None:
