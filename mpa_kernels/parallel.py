@@ -2,8 +2,8 @@
 
 Rank ``r`` of a process group of ``R`` ranks owns the contiguous class range
 ``[c_r, c_{r+1})`` with ``c_r = r * C // R`` (shards differ by at most one class when ``R`` does not
-divide ``C``) and holds only those proxies, ``(c_{r+1} - c_r) * K`` rows, and so only their optimiser
-state. Each rank passes its *local* embeddings and their *global* labels; the loss returned is the
+divide ``C``) and holds only those proxies, ``(c_{r+1} - c_r) * K`` rows, and so only their
+optimiser state. Each rank passes its *local* embeddings and their *global* labels; the loss returned is the
 same scalar on every rank and equals the single-process loss on the gathered batch.
 
 One step, per rank:
@@ -32,13 +32,13 @@ Gradients. Every rank holds the same loss ``L`` and back-propagates ``dL/dL = 1`
 ``y = sum_r x_r`` therefore has the backward ``dL/dx_r = dL/dy`` on each rank with no communication
 (:class:`_AllReduceSum`), and the merged log-sum-exp has the local backward
 ``dL/dlse_i^r = exp(lse_i^r - LSE_i) dL/dLSE_i``. Proxy gradients are then exact and local. The
-embedding gradient of rank ``r`` after step 1 is the true ``dL/dx_r`` (each rank contributes the part
-that flows through its own classes, and the gather's backward sums them).
+embedding gradient of rank ``r`` after step 1 is the true ``dL/dx_r`` (each rank contributes the
+part that flows through its own classes, and the gather's backward sums them).
 
 Data-parallel backbones. DDP *averages* parameter gradients over the ``R`` ranks, so a backbone fed
 the true ``dL/dx_r`` would step with ``dL/dtheta / R``. With ``ddp_average=True`` (the default) the
-gather's backward multiplies the embedding gradient by ``R``, so that DDP's average gives exactly the
-single-process ``dL/dtheta``; the proxies are outside DDP and get the unscaled, exact gradient. Pass
+gather's backward multiplies the embedding gradient by ``R``, so that DDP's average gives exactly
+the single-process ``dL/dtheta``; the proxies are outside DDP and get the unscaled, exact gradient. Pass
 ``ddp_average=False`` when the backbone's gradients are summed, or not reduced, across the group.
 """
 
@@ -238,12 +238,12 @@ class _AllReduceSum(torch.autograd.Function):
 class _MergeLogSumExp(torch.autograd.Function):
     """``LSE_i = log sum_r exp(lse_i^r)`` over the ranks of ``group``, from O(N) communication.
 
-    Forward: ``M_i = max_r lse_i^r`` (all-reduce MAX), ``LSE_i = M_i + log sum_r exp(lse_i^r - M_i)``
-    (all-reduce SUM of the rescaled sums). A rank with no logit in row ``i`` sends ``-inf`` and
+    Forward: ``M_i = max_r lse_i^r`` (all-reduce MAX), then
+    ``LSE_i = M_i + log sum_r exp(lse_i^r - M_i)`` (all-reduce SUM of the rescaled sums). A rank with no logit in row ``i`` sends ``-inf`` and
     contributes ``exp(-inf) = 0``.
 
-    Backward, local: ``dLSE_i/dlse_i^r = exp(lse_i^r - LSE_i)``, the share of rank ``r`` in row ``i``
-    (zero where ``lse_i^r = -inf``).
+    Backward, local: ``dLSE_i/dlse_i^r = exp(lse_i^r - LSE_i)``, the share of rank ``r`` in row
+    ``i`` (zero where ``lse_i^r = -inf``).
     """
 
     @staticmethod

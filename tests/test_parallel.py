@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 from mpa_kernels.parallel import (
     LOSS_CLASSES,
     ClassParallelLoss,
+    CommCounter,
     class_ranges,
     merge_full_state_dicts,
 )
@@ -169,6 +170,20 @@ def _reshard(rank: int, R: int, backend: str, shard_dir: Path) -> dict:
     return {"loss": loss.detach(), "proxies": loss_fn.full_proxies(), "init": fresh.full_proxies()}
 
 
+def _traffic(rank: int, R: int, backend: str, dtype) -> dict:
+    """Bytes each collective carries in one forward + backward, at two class counts."""
+    out = {}
+    for name in ("mpa", "mpa_dw"):
+        for C in (12, 120):
+            loss_fn = ClassParallelLoss(name, C, D, proxies_per_class=2, backend=backend,
+                                        dtype=dtype)
+            x = torch.randn(2, D, dtype=dtype, requires_grad=True)
+            with CommCounter() as comm:
+                loss_fn(x, torch.tensor([0, 5])).backward()
+            out[name, C] = comm.bytes
+    return out
+
+
 def _worker(rank: int, R: int, init_file: str, out_dir: str, backend: str, dtype) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=R)
@@ -176,9 +191,11 @@ def _worker(rank: int, R: int, init_file: str, out_dir: str, backend: str, dtype
         shard_dir = Path(out_dir)
         result = {"equivalence": _equivalence(rank, R, backend, dtype),
                   "train": _train_step(rank, R, backend),
-                  "reshard": _reshard(rank, R, backend, shard_dir)}
+                  "reshard": _reshard(rank, R, backend, shard_dir),
+                  "traffic": _traffic(rank, R, backend, dtype)}
         if rank == 0:
             torch.save(result, shard_dir / f"result{R}.pt")
+        dist.barrier()  # no rank closes its connections while a peer still reads from them
     finally:
         dist.destroy_process_group()
 
@@ -297,3 +314,29 @@ def test_errors_outside_distributed():
     with pytest.raises(ValueError, match="rows"):
         loss_fn.load_state_dict({"proxies": torch.randn(10 * 10 + 1, 4)})
     assert loss_fn.class_range == (0, 10) and loss_fn.proxies.shape == (100, 4)
+
+
+@pytest.mark.parametrize("R", WORLD_SIZES)
+def test_traffic_does_not_depend_on_the_class_count(runs, R):
+    """Per rank, 2 samples of D numbers each: the gathers and the O(N) all-reduces, nothing of C."""
+    _, dtype, _, results = runs
+    traffic = results[R]["traffic"]
+    b, n = torch.empty((), dtype=dtype).element_size(), 2 * R
+    gathers = {"all_gather": 8 + 2 * 8 + 2 * D * b}  # row count, labels, embeddings
+    backward = {"all_reduce": R * 2 * D * b}  # gloo: all-reduce of the whole gradient, sliced
+    expected = {"mpa": {"all_gather": gathers["all_gather"], "all_reduce": b + backward[
+        "all_reduce"]},
+        "mpa_dw": {"all_gather": gathers["all_gather"],
+                   "all_reduce": (n + n + n + 1) * b + backward["all_reduce"]}}
+    for name in ("mpa", "mpa_dw"):
+        assert traffic[name, 12] == traffic[name, 120] == expected[name]
+
+
+def test_bench_cost_model():
+    from benchmarks.parallel_bench import SHAPES, nccl_cost_model
+
+    big, small = (nccl_cost_model(SHAPES[s], "mpa_dw") for s in ("C1M", "C10k-control"))
+    assert big["class_parallel_array_bytes"] == small["class_parallel_array_bytes"]
+    assert big["data_parallel_proxy_grad_allreduce_bytes"] == 1_000_000 * 2 * 128 * 4
+    assert big["per_rank_proxy_and_grad_bytes"]["class_parallel"] * 8 == \
+        big["per_rank_proxy_and_grad_bytes"]["data_parallel"]
