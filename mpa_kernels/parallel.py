@@ -54,7 +54,13 @@ from torch import nn
 
 import reference
 from mpa_kernels import losses as _losses
-from mpa_kernels._spec import LOSSES, LossSpec, check_int, check_loss_hyperparameters
+from mpa_kernels._spec import (
+    LOSSES,
+    LossSpec,
+    check_int,
+    check_loss_hyperparameters,
+    check_number,
+)
 from mpa_kernels.backends import BackendUnavailableError, check_backend_name, resolve
 from mpa_kernels.functional import unit_proxy_regularizer, unit_rows
 
@@ -239,8 +245,8 @@ class _MergeLogSumExp(torch.autograd.Function):
     """``LSE_i = log sum_r exp(lse_i^r)`` over the ranks of ``group``, from O(N) communication.
 
     Forward: ``M_i = max_r lse_i^r`` (all-reduce MAX), then
-    ``LSE_i = M_i + log sum_r exp(lse_i^r - M_i)`` (all-reduce SUM of the rescaled sums). A rank with no logit in row ``i`` sends ``-inf`` and
-    contributes ``exp(-inf) = 0``.
+    ``LSE_i = M_i + log sum_r exp(lse_i^r - M_i)`` (all-reduce SUM of the rescaled sums). A rank
+    with no logit in row ``i`` sends ``-inf`` and contributes ``exp(-inf) = 0``.
 
     Backward, local: ``dLSE_i/dlse_i^r = exp(lse_i^r - LSE_i)``, the share of rank ``r`` in row
     ``i`` (zero where ``lse_i^r = -inf``).
@@ -430,6 +436,14 @@ class ClassParallelLoss(nn.Module):
 
     ``ddp_average``: multiply the embedding gradient by the group size so that a backbone wrapped
     in DDP (which averages gradients over ranks) steps as one process on the global batch would.
+
+    ``sample_rate < 1`` (PartialFC's class sampling; off by default) is an *approximation*: in
+    training mode each rank keeps its classes that have a positive in the global batch plus a
+    uniform random share of the others, ``max(#positives, ceil(sample_rate * C_r))`` in all, and
+    the loss is the exact loss over the kept classes only (``C`` in the normalisers becomes the
+    number kept over all ranks, one more all-reduce of one integer). Only the kept proxies get a
+    gradient; :attr:`sampled_classes` says which (global ids). In eval mode the loss is the full
+    one.
     """
 
     def __init__(
@@ -441,6 +455,7 @@ class ClassParallelLoss(nn.Module):
         process_group=None,
         backend: str = "reference",
         ddp_average: bool = True,
+        sample_rate: float = 1.0,
         validate: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -451,6 +466,11 @@ class ClassParallelLoss(nn.Module):
         check_int("num_classes", num_classes, 2)
         check_int("embedding_size", embedding_size)
         check_backend_name(backend)
+        check_number("sample_rate", sample_rate, positive=True)
+        if sample_rate > 1:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        self.sample_rate = float(sample_rate)
+        self.sampled_classes: torch.Tensor | None = None
         fields, tau = _hyperparameters(name, hyperparameters)
         check_loss_hyperparameters(name, num_classes, fields["proxies_per_class"], fields["alpha"],
                                    fields["delta"], fields["gamma"], tau, fields["similarity"])
@@ -529,15 +549,35 @@ class ClassParallelLoss(nn.Module):
                 raise ValueError(f"labels must lie in [0, {self.num_classes}), got "
                                  f"[{int(y_all.min())}, {int(y_all.max())}]")
             w_hat = unit_rows(self.proxies.to(dtype))
-            terms_fn, _ = similarity_terms_for(self.backend, embeddings.device, self.local_spec)
-            terms = terms_fn(x_all, w_hat, y_all - self.class_range[0], self.local_spec)
+            y_local, spec, local_spec = y_all - self.class_range[0], self.spec, self.local_spec
+            if self.sample_rate < 1 and self.training:
+                w_hat, y_local, spec, local_spec = self._sample(w_hat, y_local)
+            terms_fn, _ = similarity_terms_for(self.backend, embeddings.device, local_spec)
+            terms = terms_fn(x_all, w_hat, y_local, local_spec)
             reg = w_hat.new_zeros(())
             if self.tau and self.proxies_per_class > 1:
                 # eq. 3 over the local classes, renormalised from C_local*K*(K-1) to C*K*(K-1)
-                c_local = self.class_range[1] - self.class_range[0]
                 reg = self.tau * unit_proxy_regularizer(w_hat, self.proxies_per_class) * (
-                    c_local / self.num_classes)
-            return merge_terms(terms, self.spec, y_all, reg, self.process_group)
+                    local_spec.num_classes / spec.num_classes)
+            return merge_terms(terms, spec, y_all, reg, self.process_group)
+
+    def _sample(self, w_hat: torch.Tensor, y_local: torch.Tensor):
+        """The kept classes' proxies, the labels renumbered among them (-1: another rank's class),
+        and the global and local specs narrowed to the kept counts (see ``sample_rate``)."""
+        c_local, k = self.class_range[1] - self.class_range[0], self.proxies_per_class
+        mine = (y_local >= 0) & (y_local < c_local)
+        present = torch.zeros(c_local, dtype=torch.bool, device=w_hat.device)
+        present[y_local[mine]] = True
+        keep = max(int(present.sum()), math.ceil(self.sample_rate * c_local))
+        score = torch.rand(c_local, device=w_hat.device).masked_fill_(present, 2.0)
+        kept = score.topk(keep).indices.sort().values
+        self.sampled_classes = kept + self.class_range[0]
+        renumber = torch.full((c_local,), -1, dtype=torch.long, device=w_hat.device)
+        renumber[kept] = torch.arange(keep, device=w_hat.device)
+        y_kept = torch.where(mine, renumber[y_local.clamp(0, c_local - 1)], -1)
+        rows = (kept[:, None] * k + torch.arange(k, device=w_hat.device)).reshape(-1)
+        total = int(self._group.all_reduce(torch.tensor([keep], device=w_hat.device)).item())
+        return w_hat[rows], y_kept, _local_spec(self.spec, total), _local_spec(self.spec, keep)
 
     # -- checkpoints: shards that re-shard -------------------------------------------------------
     def get_extra_state(self) -> dict:

@@ -184,6 +184,26 @@ def _traffic(rank: int, R: int, backend: str, dtype) -> dict:
     return out
 
 
+def _sampled(rank: int, R: int, backend: str, dtype) -> dict:
+    """PartialFC-style class sampling over the ranks: loss, gradients and the kept classes."""
+    out = {}
+    C, K, _ = CASES["mixed"]
+    xs, ys, proxies = _batch("mixed", R, dtype)
+    for name in LOSSES:
+        k = 1 if name in ("proxy_anchor", "proxy_nca") else K
+        torch.manual_seed(rank)  # ranks sample independently
+        loss_fn = ClassParallelLoss(name, C, D, backend=backend, dtype=dtype, ddp_average=False,
+                                    sample_rate=0.7, **_hyper(name, K))
+        loss_fn.load_state_dict({"proxies": proxies[: C * k]})
+        x = xs[rank].clone().requires_grad_(True)
+        loss = loss_fn(x, ys[rank])
+        loss.backward()
+        out[name] = {"loss": loss.detach(), "x_grad": _gather_rows(x.grad, R),
+                     "w_grad": _gather_rows(loss_fn.proxies.grad, R),
+                     "kept": _gather_rows(loss_fn.sampled_classes, R)}
+    return out
+
+
 def _worker(rank: int, R: int, init_file: str, out_dir: str, backend: str, dtype) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=R)
@@ -192,7 +212,8 @@ def _worker(rank: int, R: int, init_file: str, out_dir: str, backend: str, dtype
         result = {"equivalence": _equivalence(rank, R, backend, dtype),
                   "train": _train_step(rank, R, backend),
                   "reshard": _reshard(rank, R, backend, shard_dir),
-                  "traffic": _traffic(rank, R, backend, dtype)}
+                  "traffic": _traffic(rank, R, backend, dtype),
+                  "sampled": _sampled(rank, R, backend, dtype)}
         if rank == 0:
             torch.save(result, shard_dir / f"result{R}.pt")
         dist.barrier()  # no rank closes its connections while a peer still reads from them
@@ -215,19 +236,27 @@ def runs(request):
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
-def _single(name: str, case: str, R: int, dtype):
+def _single(name: str, case: str, R: int, dtype, kept: torch.Tensor | None = None):
+    """The single-process loss on the case's global batch, over all classes or only ``kept``
+    (labels renumbered among them); the proxy gradient is returned for all C classes."""
     C, K, _ = CASES[case]
     xs, ys, proxies = _batch(case, R, dtype)
     k = 1 if name in ("proxy_anchor", "proxy_nca") else K
-    single = LOSS_CLASSES[name](C, D, backend="reference", dtype=dtype, **_hyper(name, K))
-    single.load_state_dict({"proxies": proxies[: C * k]})
+    kept = torch.arange(C) if kept is None else kept
+    rows = (kept[:, None] * k + torch.arange(k)).reshape(-1)
+    single = LOSS_CLASSES[name](len(kept), D, backend="reference", dtype=dtype,
+                                **_hyper(name, K))
+    single.load_state_dict({"proxies": proxies[: C * k][rows]})
     x = torch.cat(xs).requires_grad_(True)
-    loss = single(x, torch.cat(ys))
+    loss = single(x, torch.searchsorted(kept, torch.cat(ys)))
     loss.backward()
-    return loss.detach(), x.grad, single.proxies.grad
+    w_grad = torch.zeros(C * k, D, dtype=dtype)
+    w_grad[rows] = single.proxies.grad
+    return loss.detach(), x.grad, w_grad
 
 
 @pytest.mark.parametrize("R", WORLD_SIZES)
@@ -340,3 +369,34 @@ def test_bench_cost_model():
     assert big["data_parallel_proxy_grad_allreduce_bytes"] == 1_000_000 * 2 * 128 * 4
     assert big["per_rank_proxy_and_grad_bytes"]["class_parallel"] * 8 == \
         big["per_rank_proxy_and_grad_bytes"]["data_parallel"]
+
+
+@pytest.mark.parametrize("R", WORLD_SIZES)
+@pytest.mark.parametrize("name", LOSSES)
+def test_class_sampling_is_the_loss_over_the_kept_classes(runs, name, R):
+    _, dtype, tol, results = runs
+    got = results[R]["sampled"][name]
+    kept = got["kept"]
+    C = CASES["mixed"][0]
+    labels = torch.cat(_batch("mixed", R, dtype)[1])
+    assert set(labels.tolist()) <= set(kept.tolist()) and len(kept) < C  # positives always kept
+    loss, x_grad, w_grad = _single(name, "mixed", R, dtype, kept)
+    assert _rel(got["loss"], loss) <= tol
+    assert _rel(got["x_grad"], x_grad) <= tol
+    assert _rel(got["w_grad"], w_grad) <= tol
+
+
+def test_class_sampling_only_in_training_mode():
+    loss_fn = ClassParallelLoss("mpa_dw", 40, 4, proxies_per_class=2, sample_rate=0.25,
+                                dtype=torch.float64)
+    x, y = torch.randn(3, 4, dtype=torch.float64), torch.tensor([1, 7, 7])
+    loss_fn(x, y)
+    assert len(loss_fn.sampled_classes) == 10  # ceil(0.25 * 40)
+    assert {1, 7} <= set(loss_fn.sampled_classes.tolist())
+    loss_fn.eval()
+    full = LOSS_CLASSES["mpa_dw"](40, 4, proxies_per_class=2, backend="reference",
+                                  dtype=torch.float64)
+    full.load_state_dict(loss_fn.full_state_dict())
+    assert _rel(loss_fn(x, y), full(x, y)) <= 1e-12
+    with pytest.raises(ValueError, match="sample_rate"):
+        ClassParallelLoss("mpa", 10, 4, sample_rate=1.5)
