@@ -54,6 +54,7 @@ from torch import nn
 
 import reference
 from mpa_kernels import losses as _losses
+from mpa_kernels._checks import all_finite
 from mpa_kernels._spec import (
     LOSSES,
     LossSpec,
@@ -366,11 +367,9 @@ def similarity_terms_for(backend: str, device: torch.device, spec: LossSpec):
     module = resolve(backend, device, spec)
     fn = getattr(module, "similarity_terms", None)
     if fn is not None:
-        return fn, module
-    if module.__name__.endswith(".reference"):
-        return reference_similarity_terms, module
-    if backend == "auto":  # the reference runs everywhere
-        return reference_similarity_terms, resolve("reference", device, spec)
+        return fn
+    if module.__name__.endswith(".reference") or backend == "auto":  # the reference runs anywhere
+        return reference_similarity_terms
     raise BackendUnavailableError(
         f"backend {backend!r} does not implement similarity_terms, which class-parallel losses "
         "need; use backend='reference'"
@@ -476,7 +475,6 @@ class ClassParallelLoss(nn.Module):
                                    fields["delta"], fields["gamma"], tau, fields["similarity"])
         self.spec = LossSpec(name, num_classes, **fields)
         self.tau = float(tau)
-        self.hyperparameters = dict(hyperparameters)
         self._group = _Group.of(process_group)
         self.process_group = process_group
         self.class_range = class_ranges(num_classes, self._group.size)[self._group.rank]
@@ -544,15 +542,17 @@ class ClassParallelLoss(nn.Module):
                 grad_scale=self._group.size if self.ddp_average else 1.0)
             if x_all.shape[0] == 0:
                 raise ValueError("empty batch: no rank has embeddings")
-            # Every rank sees the same gathered labels, so all raise together (no deadlock).
+            # Every rank checks the same gathered batch, so all raise together (no deadlock).
             if self.validate and (int(y_all.min()) < 0 or int(y_all.max()) >= self.num_classes):
                 raise ValueError(f"labels must lie in [0, {self.num_classes}), got "
                                  f"[{int(y_all.min())}, {int(y_all.max())}]")
+            if self.validate and not all_finite(x_all):
+                raise ValueError("embeddings contain NaN or infinite values (on some rank)")
             w_hat = unit_rows(self.proxies.to(dtype))
             y_local, spec, local_spec = y_all - self.class_range[0], self.spec, self.local_spec
             if self.sample_rate < 1 and self.training:
                 w_hat, y_local, spec, local_spec = self._sample(w_hat, y_local)
-            terms_fn, _ = similarity_terms_for(self.backend, embeddings.device, local_spec)
+            terms_fn = similarity_terms_for(self.backend, embeddings.device, local_spec)
             terms = terms_fn(x_all, w_hat, y_local, local_spec)
             reg = w_hat.new_zeros(())
             if self.tau and self.proxies_per_class > 1:

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from mpa_kernels.backends import BackendUnavailableError
 from mpa_kernels.parallel import (
     LOSS_CLASSES,
     ClassParallelLoss,
@@ -326,6 +327,16 @@ def test_reshard_3_to_2_to_1(runs):
     assert "this rank owns" in errors[2]
 
 
+def test_backend_without_similarity_terms_is_refused(monkeypatch):
+    from mpa_kernels.backends import _load
+
+    module = _load("torch")
+    monkeypatch.delattr(module, "similarity_terms", raising=False)
+    loss_fn = ClassParallelLoss("mpa", 10, 4, backend="torch")
+    with pytest.raises(BackendUnavailableError, match="similarity_terms"):
+        loss_fn(torch.randn(2, 4), torch.tensor([0, 1]))
+
+
 def test_errors_outside_distributed():
     with pytest.raises(ValueError, match="every rank must own"):
         class_ranges(3, 4)
@@ -340,6 +351,9 @@ def test_errors_outside_distributed():
         loss_fn(torch.randn(2, 4), torch.tensor([0, 10]))
     with pytest.raises(ValueError, match="shape"):
         loss_fn(torch.randn(2, 3), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="NaN"):
+        loss_fn(torch.tensor([[0.0, 1.0, 0.0, float("nan")]]), torch.tensor([0]))
+
     with pytest.raises(ValueError, match="rows"):
         loss_fn.load_state_dict({"proxies": torch.randn(10 * 10 + 1, 4)})
     assert loss_fn.class_range == (0, 10) and loss_fn.proxies.shape == (100, 4)
