@@ -275,8 +275,10 @@ for loss in cfg["losses"]:
     x, y = default_collate([run.splits.train[i] for i in next(iter(run.sampler))])
     run.train_model(x, y).backward()
     grads = {n: p.grad.clone() for n, p in run.model.named_parameters()}
+    if cfg["class_parallel"]:  # every proxy row's gradient, gathered from the shards
+        grads["criterion.proxies"] = distributed.gather(grads["criterion.proxies"], ctx)
     run.fit()
-    torch.save({"model": run.model.state_dict(), "history": run.history, "grads": grads},
+    torch.save({"model": run.model_state(), "history": run.history, "grads": grads},
                out / f"{loss}_{name}.pt")
 distributed.shutdown(ctx)
 """
@@ -288,25 +290,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_two_ranks_and_one(worker: str, values: dict, out: Path) -> None:
+    """``python -c worker CONFIG OUT`` as two gloo ranks and, alongside, as a single process."""
+    port = _free_port()
+    envs = [dict(WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                 MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo") for r in range(2)]
+    procs = []
+    for extra in envs + [{}]:
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", worker, json.dumps(values), str(out)],
+            env=dict(env, OMP_NUM_THREADS="1", **extra), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True))
+    for p in procs:
+        output, _ = p.communicate(timeout=240)
+        assert p.returncode == 0, output
+
+
 def test_ddp_two_gloo_ranks_match_one_process_on_the_global_batch(tmp_path):
     """Two CPU ranks with half the global batch each: identical gradients, weights and proxies on
     both ranks, equal to one process on the whole batch (the loss sees the gathered batch; DDP
     averages). MPA is class-wise (not a mean over samples), MPA-DW data-wise: both must match."""
     values = tiny_synthetic(losses=["mpa", "mpa_dw"])
-    port = _free_port()
-    envs = [dict(WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
-                 MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo") for r in range(2)]
-    procs = []
-    for extra in envs + [{}]:  # the two ranks and, alongside, the single process
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-        procs.append(subprocess.Popen(
-            [sys.executable, "-c", _WORKER, json.dumps(values), str(tmp_path)],
-            env=dict(env, OMP_NUM_THREADS="1", **extra), stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True))
-    for p in procs:
-        out, _ = p.communicate(timeout=240)
-        assert p.returncode == 0, out
+    run_two_ranks_and_one(_WORKER, values, tmp_path)
     for loss in values["losses"]:
         r0, r1, single = (torch.load(tmp_path / f"{loss}_{name}.pt", weights_only=False)
                           for name in ("rank0", "rank1", "single"))

@@ -93,6 +93,8 @@ OPTIONS = (
     Option("tau", 0.2, "weight of the proxy regulariser (eq. 3)", at_least=0),
     Option("similarity", "softmax", "class similarity over the K proxies", SIMILARITIES),
     Option("backend", "auto", "mpa_kernels backend", BACKENDS, resumable=True),
+    Option("class_parallel", False, "shard the proxies by class over the ranks "
+           "(mpa_kernels.parallel.ClassParallelLoss); the network stays data-parallel"),
     Option("lr", 1e-4, "AdamW learning rate of the network", above=0),
     Option("proxy_lr", 1e-2, "AdamW learning rate of the proxies (0 = fixed proxies)",
            at_least=0),

@@ -9,6 +9,11 @@ identical dL/dx_r). DDP then averages parameter gradients over the W ranks:
 (1/W) * sum_r W * (dL/dx_r)(dx_r/dtheta) = dL/dtheta, exactly the gradient of one process on the
 whole batch. The proxies live in the DDP-wrapped module too; their gradient is
 the same on every rank and averaging keeps them in sync.
+
+With ``class_parallel`` the proxies are sharded by class (``mpa_kernels.parallel``): only the
+network is wrapped in DDP, the loss gathers the batch itself, and its gather's backward returns
+rank r ``W * dL/dx_r`` (the sum over ranks of each rank's share of the gradient, times W), so that
+DDP's average is again dL/dtheta. Each rank's proxies get their exact gradient, unaveraged.
 """
 
 from __future__ import annotations
@@ -94,6 +99,26 @@ def gather(x: torch.Tensor, ctx: Context) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(ctx.world_size)]
     dist.all_gather(parts, padded)
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)], dim=0)
+
+
+class _ClassParallelStep(torch.nn.Module):
+    """The training forward of a class-parallel run: DDP(network), then the sharded loss."""
+
+    def __init__(self, net: torch.nn.Module, criterion: torch.nn.Module):
+        super().__init__()
+        self.net, self.criterion = net, criterion
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.criterion(self.net(x), labels)
+
+
+def class_parallel_model(model: torch.nn.Module, ctx: Context) -> torch.nn.Module:
+    """``model`` (with ``.net`` and a class-parallel ``.criterion``) for training: the network in
+    DDP, the proxies outside it (they are not replicated, so nothing of theirs is all-reduced)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return _ClassParallelStep(DistributedDataParallel(model.net, device_ids=ids), model.criterion)
 
 
 def gather_objects(obj, ctx: Context) -> list:

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Sampler
 
 import mpa_kernels
 from mpa_kernels.backends import BackendUnavailableError
+from mpa_kernels.parallel import ClassParallelLoss
 from . import backbones, config, datasets, distributed, evaluation
 from .config import ConfigError
 from .distributed import Context
@@ -65,18 +66,25 @@ def loss_kwargs(cfg: dict, name: str) -> dict:
 
 
 def make_loss(cfg: dict, name: str, num_classes: int) -> nn.Module:
+    """The loss ``name`` with :func:`loss_kwargs`; with ``class_parallel``, its class-parallel
+    form over the default process group."""
+    if cfg["class_parallel"]:
+        return ClassParallelLoss(LOSSES[name], num_classes, cfg["embedding_size"],
+                                 **loss_kwargs(cfg, name))
     return LOSSES[name](num_classes=num_classes, embedding_size=cfg["embedding_size"],
                         **loss_kwargs(cfg, name))
 
 
-def check_loss(cfg: dict, name: str, device: torch.device) -> None:
+def check_loss(cfg: dict, name: str, device: torch.device, world_size: int = 1) -> None:
     """Build loss ``name`` and take one step of it on a tiny batch, so that a bad loss argument
-    or a backend that cannot run here is refused before any data is read."""
+    or a backend that cannot run here is refused before any data is read. With class-parallel
+    proxies every rank must take part (the step is collective) and own at least one class."""
+    classes = max(2, world_size)
     try:
         with torch.random.fork_rng(devices=[]):
-            criterion = make_loss(cfg, name, num_classes=2).to(device)
+            criterion = make_loss(cfg, name, num_classes=classes).to(device)
             x = torch.randn(4, cfg["embedding_size"]).to(device).requires_grad_()
-            criterion(x, torch.tensor([0, 1, 0, 1], device=device)).backward()
+            criterion(x, (torch.arange(4) % classes).to(device)).backward()
     except ConfigError:
         raise
     except (TypeError, ValueError, BackendUnavailableError) as err:
@@ -91,6 +99,8 @@ class LossModel(nn.Module):
         self.net, self.criterion, self.ctx = net, criterion, ctx
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.criterion, ClassParallelLoss):  # it gathers the batch itself
+            return self.criterion(self.net(x), labels)
         embeddings = distributed.gather_with_grad(self.net(x), self.ctx)
         return self.criterion(embeddings, distributed.gather(labels, self.ctx))
 
@@ -318,7 +328,7 @@ def check_experiment(cfg: dict, ctx: Context) -> None:
     their arguments, the pretrained weights exist, and every checkpoint a run would resume from
     is intact, that run's, and trained with the same settings."""
     for loss in cfg["losses"]:
-        check_loss(cfg, loss, ctx.device)
+        check_loss(cfg, loss, ctx.device, ctx.world_size)
     if cfg["pretrained"] and not Path(cfg["pretrained"]).is_file():
         raise ConfigError(f"config key 'pretrained': no file {cfg['pretrained']}")
     check_network(cfg)
@@ -364,7 +374,10 @@ class Run:
             weight_decay=cfg["weight_decay"])
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, cfg["lr_step"],
                                                          cfg["lr_decay"])
-        if ctx.distributed:
+        self.class_parallel = cfg["class_parallel"]
+        if ctx.distributed and self.class_parallel:
+            self.train_model = distributed.class_parallel_model(self.model, ctx)
+        elif ctx.distributed:
             ids = [ctx.device.index] if ctx.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.model, device_ids=ids)
         else:
@@ -375,9 +388,24 @@ class Run:
         self.autocast = ctx.device.type == "cuda" and cfg["amp"]
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def state(self, rng_states: list) -> dict:
-        return {"epoch": self.epoch, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+    def model_state(self) -> dict:
+        """The model's state dict with all C*K proxies (class-parallel: gathered from every rank,
+        so a collective), loadable by any number of ranks and by the single-process loss."""
+        state = self.model.state_dict()
+        if self.class_parallel:
+            full = self.model.criterion.full_state_dict()
+            state.update({"criterion." + key: value for key, value in full.items()})
+        return state
+
+    def optimizer_state(self):
+        """The optimiser state; class-parallel: every rank's (a collective), as each holds the
+        state of its own proxies."""
+        state = self.optimizer.state_dict()
+        return distributed.gather_objects(state, self.ctx) if self.class_parallel else state
+
+    def state(self, rng_states: list, model_state: dict, optimizer_state) -> dict:
+        return {"epoch": self.epoch, "model": model_state,
+                "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
                 "rng": rng_states, "history": self.history, "best": self.best,
                 "loss": self.loss_name, "seed": self.seed, "config": self.cfg}
 
@@ -385,7 +413,12 @@ class Run:
         """Continue from a checkpoint that :func:`resume_checkpoint` accepted (loaded on the CPU:
         RNG states must stay CPU tensors; load_state_dict moves the rest)."""
         self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        optimizer = ckpt["optimizer"]
+        if isinstance(optimizer, list) != self.class_parallel:
+            raise ConfigError(f"{path} was written with class_parallel={not self.class_parallel}; "
+                              "resume it the same way")
+        self.optimizer.load_state_dict(optimizer[self.ctx.rank] if self.class_parallel
+                                       else optimizer)
         self.scheduler.load_state_dict(ckpt["scheduler"])
         _set_rng_state(ckpt["rng"][self.ctx.rank])
         self.epoch, self.history, self.best = ckpt["epoch"], ckpt["history"], ckpt["best"]
@@ -399,9 +432,10 @@ class Run:
 
     def _save(self) -> None:
         rng = distributed.gather_objects(_rng_state(), self.ctx)
+        model, optimizer = self.model_state(), self.optimizer_state()
         if self.ctx.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
-            save_checkpoint(self.state(rng), self.dir / "last.pt", "last")
+            save_checkpoint(self.state(rng, model, optimizer), self.dir / "last.pt", "last")
             self._write_log()
         distributed.barrier(self.ctx)
 
@@ -498,9 +532,10 @@ class Run:
             self.history.append(row)
             if self.best is None or scores[first_metric] > self.best[first_metric]:
                 self.best = dict(scores, epoch=self.epoch)
+                model = self.model_state()  # every rank: gathering the proxies is a collective
                 if self.ctx.is_main:
                     self.dir.mkdir(parents=True, exist_ok=True)
-                    save_checkpoint({"model": self.model.state_dict(), "epoch": self.epoch,
+                    save_checkpoint({"model": model, "epoch": self.epoch,
                                      "metrics": scores, "config": cfg}, self.dir / "best.pt",
                                     "best")
             self._save()
