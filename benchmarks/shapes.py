@@ -1,4 +1,5 @@
-"""Problem sizes of the benchmark protocol (GUIDE.md) and the small ones of ``--quick``."""
+"""Problem sizes of the benchmark protocol (CUB-, SOP- and face-scale, d = 512) and the small ones of
+``--quick``."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ SHAPES = {
         Shape("cub", 180, 100, 10),
         Shape("sop32", 32, 11318, 2),
         Shape("sop256", 256, 11318, 2),
-        # The CPU target of issue 4: a CUB-sized batch against SOP's classes with CUB's K.
+        # The CPU backend's target: a CUB-sized batch against SOP's classes with CUB's K.
         Shape("cpu-target", 180, 11318, 10),
         Shape("large", 1024, 100000, 4),
         # --quick: the same regimes (few classes, many classes) at a size a 2-core CPU runs in
