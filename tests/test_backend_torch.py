@@ -320,7 +320,8 @@ def test_identical_proxies_of_a_class_have_finite_regulariser_gradients(dtype):
         value = MF.soft_triple_loss(x, labels, p, proxies_per_class=4, tau=0.2, backend=backend)
         grads.append(torch.autograd.grad(value, p)[0])
     assert torch.isfinite(grads[0]).all()
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5 * grads[1].abs().max().item())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5,
+                               atol=1e-5 * grads[1].abs().max().item())
 
 
 @pytest.mark.parametrize("loss", ["mpa_dw", "soft_triple"])
@@ -392,10 +393,15 @@ def test_fp32_at_small_gamma_matches_fp64(loss, gamma):
 @pytest.mark.parametrize("loss", ["mpa", "mpa_dw"])
 def test_double_backward_is_refused(loss):
     """The gradients are computed, not traced: a graph of them (create_graph=True) would be
-    missing their own dependence on the inputs, so it is refused rather than silently wrong."""
+    missing their own dependence on the inputs, so it is refused rather than silently wrong, by
+    the backend itself and through the front end."""
     x, y, w = _inputs(9, 7, 3, "random", torch.float64)
-    value = MULTI_PROXY[loss](x, y, w, proxies_per_class=3, backend="torch")
+    spec = LossSpec(loss, 7, 3, 32.0, 0.1)
+    value = torch_chunked.proxy_loss(F.normalize(x, dim=1), w, y, spec, 0.2)
     with pytest.raises(RuntimeError, match="backend='torch'.*backend='reference'"):
+        torch.autograd.grad(value, [x, w], create_graph=True)
+    value = MULTI_PROXY[loss](x, y, w, proxies_per_class=3, backend="torch")
+    with pytest.raises(RuntimeError, match="backend='reference'"):
         torch.autograd.grad(value, [x, w], create_graph=True)
 
 

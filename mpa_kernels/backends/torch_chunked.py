@@ -26,12 +26,11 @@ negatives' log-sum-exp with ``-inf``, which also makes their share of ``exp(z - 
 
 Raw proxies (:func:`proxy_loss`): the proxies' normalisation and the regulariser of eq. 3 ride on
 the same sweep. The proxies' inverse norms are computed once (C*K numbers); the GEMMs read the raw
-rows and the norms scale the chunk's similarities, or, where a sweep visits each chunk once and the
-regulariser needs the unit rows anyway, the GEMMs read the chunk's unit rows from a chunk buffer.
-The regulariser's share of a chunk's classes and its gradient are formed when the chunk's gradient
-is complete, and the gradient is projected through the normalisation there, in the one gradient
-buffer of the raw proxies. :func:`similarity_loss` (proxies already unit, no regulariser) is the same
-sweep without the normalisation.
+rows and the norms scale the chunk's similarities (the mean mode's GEMMs read the classes' means
+of the unit rows, formed per chunk). The regulariser's share of a chunk's classes and its gradient
+are formed when the chunk's gradient is complete, and the gradient is projected through the
+normalisation there, in the one gradient buffer of the raw proxies. :func:`similarity_loss`
+(proxies already unit, no regulariser) is the same sweep without the normalisation.
 
 Memory above the inputs and the gradients: the chunk buffers, two of ``chunk_elements`` elements
 (the default :data:`DEFAULT_CHUNK_ELEMENTS`; a chunk holds at least one class, so the bound is
@@ -55,12 +54,12 @@ from mpa_kernels.functional import _NORM_EPS, _REGULARIZER_EPS
 
 LOW_PRECISION = False
 
-# Elements of one chunk of s (N x classes x K). 2^17 fp32 elements (512 KiB, two buffers 1 MiB) keep
-# a chunk in this machine's 2 MiB of L2 per core, which makes the chunked GEMMs faster than the
-# whole N x C*K ones (measured, two threads: 0.36 s against 0.48 s for the three GEMMs at N=180,
-# C=11318, K=10, d=512); 2^16 to 2^19 time alike on one thread, 2^15 is 10% slower.
-# Read at call time, so tests can lower it to force many chunks.
-DEFAULT_CHUNK_ELEMENTS = 1 << 17
+# Elements of one chunk of s (N x classes x K). Chunks that stay near the L2 cache make the chunked
+# GEMMs faster than the whole N x C*K ones; with fewer, larger chunks the per-op overhead of the
+# elementwise work falls. Measured side by side (one thread, the CUB, SOP and N=180, C=11318, K=10
+# shapes): 2^18 was as fast as or faster than 2^17 everywhere (by up to 5% for the row-wise
+# losses) and than 2^19 at the SOP shapes. Read at call time, so tests can lower it.
+DEFAULT_CHUNK_ELEMENTS = 1 << 18
 
 # What a row-wise loss keeps of one block of rows between its two visits of the classes (J, the
 # logits and 1/Z of every class); read at call time, like the chunk budget.
@@ -159,6 +158,13 @@ class _Problem:
 # Z = 1): ds = J * (G / Z) for G = dL/dS. The factor rides on G, which has K times fewer entries.
 
 
+def _sum_last(a: torch.Tensor) -> torch.Tensor:
+    """a.sum(-1) over a short last dimension (the K proxies of a class), as a matrix-vector
+    product: twice as fast as the reduction on CPU at K = 10."""
+    k = a.shape[-1]
+    return torch.mv(a.reshape(-1, k), a.new_ones(k)).view(a.shape[:-1])
+
+
 class _Softmax:
     """S = sum_k p_k s_k, p = softmax_k(s / gamma).
 
@@ -185,8 +191,8 @@ class _Softmax:
             torch.sub(t, t.amax(-1, keepdim=True), out=e).exp_()
         else:
             torch.exp(t, out=e)
-        z = e.sum(-1)
-        h = torch.linalg.vecdot(e, t, dim=-1).div_(z)
+        z = _sum_last(e)
+        h = _sum_last(e * t).div_(z)
         # t - (h - 1): h - 1 is exact for |h| >= 1 (and t - (h - 1) then rounds once), and within
         # one ulp of 1 below.
         t.sub_(h.sub(1.0).unsqueeze(-1)).mul_(e)
@@ -228,8 +234,7 @@ def _reduction(problem: _Problem, dtype: torch.dtype):
 # of the proxies, and the gradient buffer accumulates du' = inv * dL/du = (ds * inv)^T x. The
 # gradient through the normalisation (as F.normalize's) is dv = inv (du - u (u . du)), i.e.
 # dv = du' - u (u . du'), and dv = du / eps = du' for a row whose norm was clamped (there
-# u = v / eps is linear in v). Where the GEMMs read the unit rows, the buffer holds du itself and
-# the projection is followed by the scaling by inv.
+# u = v / eps is linear in v).
 #
 # Regulariser (eq. 3): R = a sum_c sum_{t<s} sqrt(2 - 2 min(u_ct . u_cs, 1) + eps), a = 1/(C K (K-1)).
 # d sqrt(2 - 2 m + eps) / d m = -1 / sqrt(2 - 2 m + eps), and the clamp passes the gradient where
@@ -257,8 +262,9 @@ def _regularizer(u3: torch.Tensor, problem: _Problem, want_grad: bool):
     # two identical proxies 0 and its reciprocal below inf. 2 (1 - m) rounds exactly as 2 - 2 m.
     dist = sims.clamp(max=1.0).neg_().add_(1.0).mul_(2.0).add_(_REGULARIZER_EPS).sqrt_()
     a = 1.0 / (problem.num_classes * k * (k - 1))
-    upper = torch.ones(k, k, dtype=torch.bool, device=u3.device).triu_(1)
-    value = dist[:, upper].sum() * a
+    # The pairs t < s by a product with the mask, not a boolean index (a gather per chunk).
+    upper = torch.ones(k, k, dtype=dist.dtype, device=u3.device).triu_(1)
+    value = torch.tensordot(dist, upper, dims=([1, 2], [0, 1])).sum() * a
     if not want_grad:
         return value, None
     off_diagonal = ~torch.eye(k, dtype=torch.bool, device=u3.device)
@@ -277,17 +283,13 @@ class _Chunk:
     unclamped: torch.Tensor | None  # ||v|| > eps, (m*K, 1)
     w: torch.Tensor  # the GEMMs' operand (m*k, d): v, or the class means of u in the mean mode
     col_scale: torch.Tensor | None  # (m*k,): what scales x w^T into s (inv), None if nothing
-    u: torch.Tensor | None = None  # its unit rows, where they are the GEMMs' operand
 
 
 class _Proxies:
-    """The proxies as the sweeps read them, chunk by chunk, in reused buffers. A sweep that visits
-    each chunk once (``once``) and forms its unit rows anyway, for the regulariser, has the GEMMs
-    read them: then the gradient buffer gets du itself, and the projection scales it by inv."""
+    """The proxies as the sweeps read them, chunk by chunk, in reused buffers."""
 
-    def __init__(self, w: torch.Tensor, problem: _Problem, per_chunk: int, once: bool) -> None:
+    def __init__(self, w: torch.Tensor, problem: _Problem, per_chunk: int) -> None:
         self.w, self.problem = w, problem
-        self.unit_operand = once and problem.normalise and bool(problem.tau) and not problem.averaged
         self.inv = self.unclamped = None
         if problem.normalise:
             self.inv, self.unclamped = _inverse_norms(w)
@@ -307,8 +309,6 @@ class _Proxies:
             u = self.unit(chunk)
             m, d = stop - start, v.shape[1]
             chunk.w = torch.mean(u.view(m, kp, d), 1, out=self.mean_buf[:m * d].view(m, d))
-        elif self.unit_operand:
-            chunk.w = chunk.u = self.unit(chunk)
         elif inv is not None:
             chunk.col_scale = inv.view(-1)
         return chunk
@@ -347,18 +347,16 @@ class _Proxies:
                 du.addcmul_(chunk.v, dot.mul_(chunk.inv.square()).mul_(chunk.unclamped),
                             value=-1.0)
             return 0.0
-        u = chunk.u if chunk.u is not None else self.unit(chunk)
+        u = self.unit(chunk)
         u3 = u.view(-1, kp, u.shape[1])
         value, g = _regularizer(u3, problem, du is not None)
         if du is not None:
-            # (inv) G U, then the projection with u itself (not v inv): two proxies that coincide
+            # inv G U, then the projection with u itself (not v inv): two proxies that coincide
             # get G's large entries along u, which the projection then removes exactly.
             du3 = du.view(u3.shape)
-            du3.baddbmm_(g if chunk.u is not None else g.mul_(chunk.inv.view(-1, kp, 1)), u3)
+            du3.baddbmm_(g.mul_(chunk.inv.view(-1, kp, 1)), u3)
             dot = torch.linalg.vecdot(u, du, dim=1).unsqueeze(1).mul_(chunk.unclamped)
             du.addcmul_(u, dot, value=-1.0)
-            if chunk.u is not None:
-                du.mul_(chunk.inv)
         return value
 
 
@@ -428,8 +426,12 @@ class _Block:
             self.proxies.add_grad(chunk, ds, x, dw[chunk.start * kp:chunk.stop * kp], first)
 
 
-def _classes_per_chunk(chunk_elements: int, rows: int, problem: _Problem) -> int:
-    return min(problem.num_classes, max(1, chunk_elements // (rows * problem.k)))
+def _classes_per_chunk(chunk_elements: int, rows: int, problem: _Problem, d: int) -> int:
+    """Classes per chunk: rows x classes x k similarities within the budget, and the chunk's
+    unit proxies (classes x K x d, formed for the regulariser and the mean mode) within four
+    times it."""
+    return min(problem.num_classes, max(1, chunk_elements // (rows * problem.k)),
+               max(1, 4 * chunk_elements // (problem.proxies_per_class * d)))
 
 
 def _positive_similarity(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor,
@@ -477,8 +479,8 @@ def _column_wise(x, w, labels, problem, reduction, chunk_elements, dx, dw):
     p = m.neg().exp_().index_add_(0, labels, (q - m[labels]).exp_()).log_().add_(m)
     num_present = int(torch.count_nonzero(torch.bincount(labels, minlength=c)))
     g_pos = (q - p[labels]).exp_().mul_(-alpha / num_present)
-    per_chunk = _classes_per_chunk(chunk_elements, x.shape[0], problem)
-    proxies = _Proxies(w, problem, per_chunk, once=True)
+    per_chunk = _classes_per_chunk(chunk_elements, x.shape[0], problem, x.shape[1])
+    proxies = _Proxies(w, problem, per_chunk)
     block = _Block(_scaled(x, reduction), labels, problem, reduction, proxies, per_chunk)
     negative = q.new_empty(c)
     regularizer = []
@@ -559,8 +561,8 @@ def _row_wise(x, w, labels, problem, reduction, chunk_elements, dx, dw):
     rows, keep = _row_blocks(n, problem, reduction, x.element_size()) if want_grads else (n, False)
     # Chunks of as many classes as in the class sweep (a block's tiles are the smaller), so that the
     # proxies' side of a chunk stays bounded by the budget too.
-    per_chunk = _classes_per_chunk(chunk_elements, n, problem)
-    proxies = _Proxies(w, problem, per_chunk, once=False)
+    per_chunk = _classes_per_chunk(chunk_elements, n, problem, x.shape[1])
+    proxies = _Proxies(w, problem, per_chunk)
     starts = range(0, c, per_chunk)
     store = None
     if keep and not isinstance(reduction, _Identity):
