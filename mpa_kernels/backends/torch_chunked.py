@@ -228,8 +228,8 @@ def _reduction(problem: _Problem, dtype: torch.dtype):
 
 # --- the proxies: normalisation, averaging, regulariser -----------------------------------------
 #
-# Unit rows u = v / max(||v||, eps), inv = 1 / max(||v||, eps), computed once for all rows (C*K
-# numbers). Where the GEMMs read the raw rows, x u^T = (x v^T) * inv column by column and
+# Unit rows u = v / max(||v||, eps), inv = 1 / max(||v||, eps), computed once for every row (C*K
+# numbers, kept). Where the GEMMs read the raw rows, x u^T = (x v^T) * inv column by column and
 # ds u = (ds * inv) v: the normalisation costs two scalings of the chunk's similarities and no copy
 # of the proxies, and the gradient buffer accumulates du' = inv * dL/du = (ds * inv)^T x. The
 # gradient through the normalisation (as F.normalize's) is dv = inv (du - u (u . du)), i.e.
@@ -292,7 +292,11 @@ class _Proxies:
         self.w, self.problem = w, problem
         self.inv = self.unclamped = None
         if problem.normalise:
-            self.inv, self.unclamped = _inverse_norms(w)
+            # Filled chunk by chunk on the first visit, while the chunk's rows are on their way to
+            # its GEMM, rather than by a pass of their own over all the proxies.
+            self.inv = w.new_empty(w.shape[0], 1)
+            self.unclamped = torch.empty(w.shape[0], 1, dtype=torch.bool, device=w.device)
+        self.normed = 0  # rows of inv filled so far (chunks are first visited in order)
         kp, d = problem.proxies_per_class, w.shape[1]
         # The unit rows of a chunk are formed only for the mean mode and the regulariser.
         need_u = problem.normalise and (problem.averaged or problem.tau)
@@ -302,8 +306,14 @@ class _Proxies:
     def chunk(self, start: int, stop: int) -> _Chunk:
         kp = self.problem.proxies_per_class
         v = self.w[start * kp:stop * kp]
-        inv = self.inv[start * kp:stop * kp] if self.inv is not None else None
-        unclamped = self.unclamped[start * kp:stop * kp] if inv is not None else None
+        inv = unclamped = None
+        if self.inv is not None:
+            inv, unclamped = self.inv[start * kp:stop * kp], self.unclamped[start * kp:stop * kp]
+            if stop * kp > self.normed:
+                norm_inv, mask = _inverse_norms(v)
+                inv.copy_(norm_inv)
+                unclamped.copy_(mask)
+                self.normed = stop * kp
         chunk = _Chunk(start, stop, v, inv, unclamped, v, None)
         if self.problem.averaged:
             u = self.unit(chunk)
