@@ -258,9 +258,12 @@ def _peak_bytes(fn):
 
 
 def _memory_case(d, monkeypatch):
-    """N, C, K and the inputs of the memory tests, swept in 16 chunks of 128 classes."""
+    """N, C, K and the inputs of the memory tests, swept in 16 chunks of 128 classes; the row-wise
+    losses in blocks of 4 rows (they keep 4 rows' J, a sixteenth of N x C*K)."""
     monkeypatch.setattr(torch_chunked, "DEFAULT_CHUNK_ELEMENTS", 32768)
     n, c, k = 64, 2048, 4
+    monkeypatch.setattr(torch_chunked, "ROW_BLOCK_BYTES", 4 * c * (k + 2) * 4)
+    monkeypatch.setattr(torch_chunked, "MIN_BLOCK_ROWS", 1)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n, d, generator=gen, requires_grad=True)
     w = torch.randn(c * k, d, generator=gen, requires_grad=True)
@@ -317,4 +320,105 @@ def test_identical_proxies_of_a_class_have_finite_regulariser_gradients(dtype):
         value = MF.soft_triple_loss(x, labels, p, proxies_per_class=4, tau=0.2, backend=backend)
         grads.append(torch.autograd.grad(value, p)[0])
     assert torch.isfinite(grads[0]).all()
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5 * grads[1].abs().max().item())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5,
+                               atol=1e-5 * grads[1].abs().max().item())
+
+
+@pytest.mark.parametrize("loss", ["mpa_dw", "soft_triple"])
+def test_row_wise_keeps_no_regularizer_matrices(loss, monkeypatch):
+    """With many proxies per class in few dimensions, C*K*K numbers (the regulariser's K x K
+    matrices of every class) outweigh the proxies themselves; the row-wise sweep forms them chunk
+    by chunk and keeps none."""
+    monkeypatch.setattr(torch_chunked, "DEFAULT_CHUNK_ELEMENTS", 8192)
+    monkeypatch.setattr(torch_chunked, "ROW_BLOCK_BYTES", 1 << 16)
+    monkeypatch.setattr(torch_chunked, "MIN_BLOCK_ROWS", 1)
+    n, c, k, d = 32, 1024, 16, 2
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=gen, requires_grad=True)
+    w = torch.randn(c * k, d, generator=gen, requires_grad=True)
+    y = torch.randint(0, c, (n,), generator=gen)
+    grads_bytes = (n + c * k) * d * 4
+    peak = _peak_bytes(lambda: MULTI_PROXY[loss](x, y, w, proxies_per_class=k, tau=0.2,
+                                                 backend="torch", validate=False).backward())
+    assert peak - grads_bytes < c * k * k * 4 / 2
+
+
+# The row-wise losses' three regimes: every row in one block that keeps its J (the default at
+# these sizes), blocks of a few rows, and one block that keeps nothing and recomputes.
+ROW_REGIMES = {"blocks": (1 << 12, 1), "recompute": (1 << 12, 1 << 30)}
+
+
+@pytest.mark.parametrize("regime", list(ROW_REGIMES))
+@pytest.mark.parametrize("similarity", ["softmax", "max", "mean"])
+@pytest.mark.parametrize("loss", ["mpa_dw", "mpa_ap", "soft_triple"])
+def test_row_wise_regimes_match_reference(loss, similarity, regime, monkeypatch):
+    row_bytes, min_rows = ROW_REGIMES[regime]
+    monkeypatch.setattr(torch_chunked, "ROW_BLOCK_BYTES", row_bytes)
+    monkeypatch.setattr(torch_chunked, "MIN_BLOCK_ROWS", min_rows)
+    n, c, k, kind = SHAPES["odd"]
+    _chunk_classes(monkeypatch, 2, n, k)
+    x, y, w = _inputs(n, c, k, kind, torch.float64)
+    kwargs = dict(proxies_per_class=k, similarity=similarity, tau=0.2)
+    got = _value_and_grads(MULTI_PROXY[loss], x, y, w, "torch", **kwargs)
+    want = _value_and_grads(MULTI_PROXY[loss], x, y, w, "reference", **kwargs)
+    _assert_matches(got, want, 1e-10)
+
+
+@pytest.mark.parametrize("regime", [None, *ROW_REGIMES])
+def test_proxy_nca_regimes_match_reference(regime, monkeypatch):
+    if regime is not None:
+        row_bytes, min_rows = ROW_REGIMES[regime]
+        monkeypatch.setattr(torch_chunked, "ROW_BLOCK_BYTES", row_bytes // 8)
+        monkeypatch.setattr(torch_chunked, "MIN_BLOCK_ROWS", min_rows)
+    x, y, w = _inputs(13, 7, 1, "random", torch.float64)
+    got = _value_and_grads(MF.proxy_nca_loss, x, y, w, "torch")
+    want = _value_and_grads(MF.proxy_nca_loss, x, y, w, "reference")
+    _assert_matches(got, want, 1e-10)
+
+
+@pytest.mark.parametrize("gamma", [1e-3, 1e-4, 1e-6])
+@pytest.mark.parametrize("loss", list(MULTI_PROXY))
+def test_fp32_at_small_gamma_matches_fp64(loss, gamma):
+    """At small gamma, dS/ds_k = p_k (1 + (s_k - S) / gamma) holds two terms of size 1/gamma that
+    cancel; formed apart in fp32 they lose the gradient (1e-1 relative error at gamma = 1e-6)."""
+    x, y, w = _inputs(13, 7, 3, "random", torch.float64)
+    kwargs = dict(proxies_per_class=3, gamma=gamma)
+    want = _value_and_grads(MULTI_PROXY[loss], x, y, w, "torch", **kwargs)
+    x32, w32 = (t.detach().float().requires_grad_() for t in (x, w))
+    got = _value_and_grads(MULTI_PROXY[loss], x32, y, w32, "torch", **kwargs)
+    for g, r in zip(got, want):
+        assert float((g.double() - r).abs().max()) <= 1e-5 * float(r.abs().max())
+
+
+@pytest.mark.parametrize("loss", ["mpa", "mpa_dw"])
+def test_double_backward_is_refused(loss):
+    """The gradients are computed, not traced: a graph of them (create_graph=True) would be
+    missing their own dependence on the inputs, so it is refused rather than silently wrong, by
+    the backend itself and through the front end."""
+    x, y, w = _inputs(9, 7, 3, "random", torch.float64)
+    spec = LossSpec(loss, 7, 3, 32.0, 0.1)
+    value = torch_chunked.proxy_loss(F.normalize(x, dim=1), w, y, spec, 0.2)
+    with pytest.raises(RuntimeError, match="backend='torch'.*backend='reference'"):
+        torch.autograd.grad(value, [x, w], create_graph=True)
+    value = MULTI_PROXY[loss](x, y, w, proxies_per_class=3, backend="torch")
+    with pytest.raises(RuntimeError, match="backend='reference'"):
+        torch.autograd.grad(value, [x, w], create_graph=True)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided"])
+@pytest.mark.parametrize("loss", [*MULTI_PROXY, *ONE_PROXY])
+def test_proxies_of_any_layout(loss, layout, monkeypatch):
+    """Proxies that are a transposed (d, C*K) tensor, as a Linear layer's weight is, or every
+    other row of a larger one: the same value and gradients as contiguous ones."""
+    monkeypatch.setattr(torch_chunked, "DEFAULT_CHUNK_ELEMENTS", 2 * 13 * 3)
+    k = 1 if loss in ONE_PROXY else 3
+    fn = ONE_PROXY.get(loss) or MULTI_PROXY[loss]
+    kwargs = {} if loss in ONE_PROXY else dict(proxies_per_class=k)
+    x, y, w = _inputs(13, 7, k, "random", torch.float64)
+    base = w.detach().t().contiguous().t() if layout == "transposed" else (
+        torch.stack([w.detach(), w.detach()], 1).flatten(0, 1)[::2])
+    odd = torch.nn.Parameter(base)
+    assert not odd.is_contiguous()
+    got = _value_and_grads(fn, x, y, odd, "torch", **kwargs)
+    want = _value_and_grads(fn, x, y, w, "reference", **kwargs)
+    _assert_matches(got, want, 1e-10)

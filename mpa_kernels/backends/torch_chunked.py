@@ -1,19 +1,22 @@
 """The ``"torch"`` backend: chunked, analytic forward and backward in plain PyTorch ops, for CPUs.
 
-The similarity tensor ``s = x_hat @ w_hat.T`` (N x C*K) is never materialised. Classes are swept in
-chunks of whole classes; per chunk one GEMM gives ``s`` for every sample, the intra-class reduction
-turns it into ``S`` (N x chunk), and the loss needs only ``O(N + C)`` statistics of ``S``:
+The similarity tensor ``s = x_hat @ w_hat.T`` (N x C*K) is never materialised whole. Classes are
+swept in chunks of whole classes; per chunk one GEMM gives ``s`` for a block of samples, the
+intra-class reduction turns it into ``S`` (block x chunk) and leaves in its place the Jacobian
+``dS/ds`` (scaled), and the loss needs only ``O(N + C)`` statistics of ``S``. When a gradient is
+wanted, the forward forms it (for a grad_output of 1) and the backward only scales it: three GEMMs
+in all, ``s = x w^T``, ``dx = ds w`` and ``dw = ds^T x``, the floor. Under ``torch.no_grad`` or with
+inputs that do not require grad, the forward is the one GEMM.
 
 * column-wise family (MPA, ProxyAnchor): a class's log-sum-exp runs over samples, and every chunk
   holds all N samples, so a class's statistics, and with them its gradient, are final inside its
-  chunk. When a gradient is wanted the forward sweep also writes it: ``ds`` for the chunk, then
-  ``dw[chunk] = ds.T @ x_hat`` and ``dx += ds @ w_chunk``. Three GEMMs in all, the floor; the
-  backward only hands them out (scaled by grad_output). Under ``torch.no_grad`` or with inputs that
-  do not require grad, the forward is the one GEMM.
+  chunk: one sweep of all samples over the classes.
 * row-wise family (MPA-DW, MPA-AP, SoftTriple, ProxyNCA): a sample's log-sum-exp runs over all
-  classes, so the forward sweep keeps an online log-sum-exp per sample (running max and sum), and
-  the backward sweep recomputes each chunk's ``s`` (a fourth GEMM) to form ``ds`` with the final
-  per-sample statistics. Keeping ``s`` instead would cost N*C*K memory.
+  classes, so a block of samples visits the classes twice: once for an online log-sum-exp,
+  keeping each chunk's Jacobian and logits, once for the gradients. The blocks are as large as
+  :data:`ROW_BLOCK_BYTES` of kept numbers allows (all samples in one block at most sizes); where
+  that would leave fewer than :data:`MIN_BLOCK_ROWS` rows per block, all samples form one block
+  that keeps nothing and recomputes each chunk on its second visit (a fourth GEMM).
 
 Positive pairs are few (one per sample): their similarities ``S_{i,y_i}`` come from a gather of the
 K proxies of each sample's class (``N*K*d``), their terms are evaluated on ``(N,)`` vectors, and their
@@ -22,18 +25,19 @@ chunk GEMMs like every other entry. Inside a chunk the positive entries are mask
 negatives' log-sum-exp with ``-inf``, which also makes their share of ``exp(z - lse)`` exactly zero.
 
 Raw proxies (:func:`proxy_loss`): the proxies' normalisation and the regulariser of eq. 3 ride on
-the same sweep. Each chunk's rows are normalised into a chunk buffer (the GEMMs' operand), the
-regulariser's share of the chunk's classes is summed there, and the proxies' gradient is formed
-per chunk, ``dw_hat = ds.T @ x_hat`` plus the regulariser's, projected through the normalisation
-straight into the one gradient buffer of the raw proxies. No tensor of the proxies' size exists but
-the proxies and their gradient. :func:`similarity_loss` (proxies already unit, no regulariser) is
-the same sweep without the normalisation.
+the same sweep. The proxies' inverse norms are computed once (C*K numbers); the GEMMs read the raw
+rows and the norms scale the chunk's similarities (the mean mode's GEMMs read the classes' means
+of the unit rows, formed per chunk). The regulariser's share of a chunk's classes and its gradient
+are formed when the chunk's gradient is complete, and the gradient is projected through the
+normalisation there, in the one gradient buffer of the raw proxies. :func:`similarity_loss`
+(proxies already unit, no regulariser) is the same sweep without the normalisation.
 
-Memory above the inputs and the gradients: two chunk buffers of ``chunk_elements`` elements (the
-default :data:`DEFAULT_CHUNK_ELEMENTS`; a chunk holds at least one class, so the bound is
-``max(chunk_elements, N*K)``), a few ``N x chunk`` similarity-level tensors, ``O(N + C)`` vectors,
-the chunk's normalised proxies (``chunk_elements / N * d`` elements) and, for the row-wise family
-with the regulariser, its ``C*K*K`` gradient matrices kept from the forward.
+Memory above the inputs and the gradients: the chunk buffers, two of ``chunk_elements`` elements
+(the default :data:`DEFAULT_CHUNK_ELEMENTS`; a chunk holds at least one class, so the bound is
+``max(chunk_elements, N*K)``) and the chunk's unit proxies (``chunk_elements / N * K / k * d``
+elements, k the GEMMs' rows per class); a few block x chunk similarity-level tensors; ``O(N + C*K)``
+vectors; and, for the row-wise family with gradients, at most ``ROW_BLOCK_BYTES`` (48 MiB) kept
+between a block's two visits. Nothing of the proxies' size, and nothing of size C*K*K, is formed.
 """
 
 from __future__ import annotations
@@ -43,7 +47,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from mpa_kernels._spec import LossSpec
 # The front end's constants, so that the fused normalisation and regulariser are the unfused ones.
@@ -51,12 +54,18 @@ from mpa_kernels.functional import _NORM_EPS, _REGULARIZER_EPS
 
 LOW_PRECISION = False
 
-# Elements of one chunk of s (N x classes x K). 2^17 fp32 elements (512 KiB, two buffers 1 MiB) keep
-# a chunk in this machine's 2 MiB of L2 per core, which makes the chunked GEMMs faster than the
-# whole N x C*K ones (measured, two threads: 0.36 s against 0.48 s for the three GEMMs at N=180,
-# C=11318, K=10, d=512); 2^16 to 2^19 time alike on one thread, 2^15 is 10% slower.
-# Read at call time, so tests can lower it to force many chunks.
-DEFAULT_CHUNK_ELEMENTS = 1 << 17
+# Elements of one chunk of s (N x classes x K). Chunks that stay near the L2 cache make the chunked
+# GEMMs faster than the whole N x C*K ones; with fewer, larger chunks the per-op overhead of the
+# elementwise work falls. Measured side by side (one thread, the CUB, SOP and N=180, C=11318, K=10
+# shapes): 2^18 was as fast as or faster than 2^17 everywhere (by up to 5% for the row-wise
+# losses) and than 2^19 at the SOP shapes. Read at call time, so tests can lower it.
+DEFAULT_CHUNK_ELEMENTS = 1 << 18
+
+# What a row-wise loss keeps of one block of rows between its two visits of the classes (J, the
+# logits and 1/Z of every class); read at call time, like the chunk budget.
+ROW_BLOCK_BYTES = 48 << 20
+# Blocks thinner than this are not formed: all rows go in one block that recomputes its chunks.
+MIN_BLOCK_ROWS = 64
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -144,9 +153,16 @@ class _Problem:
 
 
 # --- intra-class reduction, eq. 1 ---------------------------------------------------------------
-# Each reduction maps a chunk t (N, m, K) of the GEMM's output to S (N, m) and back: ``forward``
-# may overwrite t (the buffer is the chunk's own) and returns S and what ``backward`` needs;
-# ``backward(G)`` turns G = dL/dS into ds = dL/ds, written over t's buffer where it can.
+# Each reduction maps a chunk t (n, m, K) of the GEMM's output to S (n, m) and overwrites t with
+# what its backward needs, J = Z dS/ds, with the factor 1/Z (n, m) returned apart (or None where
+# Z = 1): ds = J * (G / Z) for G = dL/dS. The factor rides on G, which has K times fewer entries.
+
+
+def _sum_last(a: torch.Tensor) -> torch.Tensor:
+    """a.sum(-1) over a short last dimension (the K proxies of a class), as a matrix-vector
+    product: twice as fast as the reduction on CPU at K = 10."""
+    k = a.shape[-1]
+    return torch.mv(a.reshape(-1, k), a.new_ones(k)).view(a.shape[:-1])
 
 
 class _Softmax:
@@ -154,11 +170,12 @@ class _Softmax:
 
     The GEMM is fed x_hat / gamma, so it yields t = s / gamma directly. Since |s| <= 1, exp(t) lies
     in [e^(-1/gamma), e^(1/gamma)]; when that range fits the dtype, no max is subtracted (the
-    shift cancels in p and saves a reduction and a pass). h = S / gamma = sum_k e_k t_k / sum_k e_k.
+    shift cancels in p and saves a reduction and a pass). h = S / gamma = sum_k e_k t_k / Z.
 
-    Gradient: dS/ds_k = p_k (1 + (s_k - S) / gamma) = (e_k / Z)(1 + t_k - h), so
-    ds_k = G (e_k / Z)(t_k + 1 - h) = a (e_k t_k) + a (1 - h) e_k with a = G / Z: two in-place
-    passes over the product e * t that the forward already holds in t's buffer.
+    Gradient: dS/ds_k = p_k (1 + (s_k - S) / gamma) = (e_k / Z)(t_k - h + 1), so J = e (t - h + 1).
+    t - h is formed before anything is added to it: both are of size 1/gamma and only their
+    difference is of size one (exactly 0 where p is one-hot), so at small gamma the gradient keeps
+    fp32's precision where e t and e h, formed apart and subtracted, would lose it.
     """
 
     def __init__(self, gamma: float, k: int, dtype: torch.dtype) -> None:
@@ -174,46 +191,33 @@ class _Softmax:
             torch.sub(t, t.amax(-1, keepdim=True), out=e).exp_()
         else:
             torch.exp(t, out=e)
-        z = e.sum(-1)
-        et = t.mul_(e)
-        h = et.sum(-1).div_(z)
-        return h * self.gamma, (et, e, z, h)
-
-    @staticmethod
-    def backward(g: torch.Tensor, state) -> torch.Tensor:
-        et, e, z, h = state
-        a = g / z
-        b = h.neg_().add_(1.0).mul_(a)
-        return et.mul_(a.unsqueeze(-1)).addcmul_(e, b.unsqueeze(-1))
+        z = _sum_last(e)
+        h = _sum_last(e * t).div_(z)
+        # t - (h - 1): h - 1 is exact for |h| >= 1 (and t - (h - 1) then rounds once), and within
+        # one ulp of 1 below.
+        t.sub_(h.sub(1.0).unsqueeze(-1)).mul_(e)
+        return h.mul_(self.gamma), z.reciprocal_()
 
 
 class _Max:
     """S = max_k s_k; the whole gradient goes to the argmax (the same tie-break as the
-    reference's ``max(dim)``)."""
+    reference's ``max(dim)``): J is its indicator."""
 
     x_scale = 1.0
 
     def forward(self, t: torch.Tensor, e: torch.Tensor):
         values, index = t.max(-1)
-        return values, (t, index)
-
-    @staticmethod
-    def backward(g: torch.Tensor, state) -> torch.Tensor:
-        t, index = state
-        return t.zero_().scatter_(-1, index.unsqueeze(-1), g.unsqueeze(-1))
+        t.zero_().scatter_(-1, index.unsqueeze(-1), 1.0)
+        return values, None
 
 
 class _Identity:
-    """K = 1: S = s and ds = G."""
+    """K = 1: S = s; ds = G, so J is not formed (S is t's own buffer)."""
 
     x_scale = 1.0
 
     def forward(self, t: torch.Tensor, e: torch.Tensor):
         return t.squeeze(-1), None
-
-    @staticmethod
-    def backward(g: torch.Tensor, state) -> torch.Tensor:
-        return g
 
 
 def _reduction(problem: _Problem, dtype: torch.dtype):
@@ -222,145 +226,247 @@ def _reduction(problem: _Problem, dtype: torch.dtype):
     return _Max() if problem.similarity == "max" else _Identity()
 
 
-# --- the proxies of a chunk: normalisation, averaging, regulariser ------------------------------
+# --- the proxies: normalisation, averaging, regulariser -----------------------------------------
 #
-# Unit rows u = v / max(||v||, eps). Gradient (as F.normalize's): du -> dv = (du - u (u . du)) / ||v||,
-# and du / eps for a row whose norm was clamped (there u = v / eps is linear in v).
+# Unit rows u = v / max(||v||, eps), inv = 1 / max(||v||, eps), computed once for every row (C*K
+# numbers, kept). Where the GEMMs read the raw rows, x u^T = (x v^T) * inv column by column and
+# ds u = (ds * inv) v: the normalisation costs two scalings of the chunk's similarities and no copy
+# of the proxies, and the gradient buffer accumulates du' = inv * dL/du = (ds * inv)^T x. The
+# gradient through the normalisation (as F.normalize's) is dv = inv (du - u (u . du)), i.e.
+# dv = du' - u (u . du'), and dv = du / eps = du' for a row whose norm was clamped (there
+# u = v / eps is linear in v).
 #
 # Regulariser (eq. 3): R = a sum_c sum_{t<s} sqrt(2 - 2 min(u_ct . u_cs, 1) + eps), a = 1/(C K (K-1)).
 # d sqrt(2 - 2 m + eps) / d m = -1 / sqrt(2 - 2 m + eps), and the clamp passes the gradient where
 # m <= 1 (torch's clamp includes its bound). A pair {t, s} is summed once but its term depends on
 # both u_ct (through u_cs) and u_cs (through u_ct), so with the symmetric K x K matrix
 #   G_ts = G_st = -a / sqrt(2 - 2 m_ts + eps)  (t != s, m_ts <= 1),  0 elsewhere (diagonal too),
-# dR/dU_c = G U_c: one batched (K x K) @ (K x d) product per class, no factor 2.
+# dR/dU_c = G U_c: one batched (K x K) @ (K x d) product per class, no factor 2 (du' gets inv G U).
 #
-# Mean mode: the GEMMs see wbar_c = mean_k u_ck, so du_ck = dwbar_c / K for every k.
+# Mean mode: the GEMMs see wbar_c = mean_k u_ck, so du'_ck = inv_ck dwbar_c / K for every k.
 
 
-def _unit_rows(w_chunk: torch.Tensor, out: torch.Tensor):
-    """w_chunk's rows scaled to unit norm, into out; with the 1/||v|| and the unclamped mask."""
-    norm = torch.linalg.vector_norm(w_chunk, dim=1, keepdim=True)
+def _inverse_norms(w: torch.Tensor):
+    """1 / max(||v||, eps) of every row (C*K, 1), and the mask ||v|| > eps."""
+    norm = torch.linalg.vector_norm(w, dim=1, keepdim=True)
     unclamped = norm > _NORM_EPS
-    inv = norm.clamp_min_(_NORM_EPS).reciprocal_()
-    return torch.mul(w_chunk, inv, out=out), inv, unclamped
+    return norm.clamp_min_(_NORM_EPS).reciprocal_(), unclamped
 
 
-def _regularizer(u: torch.Tensor, problem: _Problem, grad_scale: float | None):
-    """Eq. 3's sum over the chunk's classes (a included) from their unit proxies u (m*K, d), and
-    with grad_scale the matrix grad_scale * G (m, K, K) of the derivation above."""
+def _regularizer(u3: torch.Tensor, problem: _Problem, want_grad: bool):
+    """Eq. 3's sum over the chunk's classes (a included) from their unit proxies u3 (m, K, d), and
+    with want_grad the matrix tau * G (m, K, K) of the derivation above."""
     k = problem.proxies_per_class
-    u3 = u.view(-1, k, u.shape[1])
     sims = torch.bmm(u3, u3.transpose(1, 2))
     # 2 (1 - m) + eps, in that order: 2 + eps rounds to 2 in fp32, which would make the distance of
     # two identical proxies 0 and its reciprocal below inf. 2 (1 - m) rounds exactly as 2 - 2 m.
     dist = sims.clamp(max=1.0).neg_().add_(1.0).mul_(2.0).add_(_REGULARIZER_EPS).sqrt_()
     a = 1.0 / (problem.num_classes * k * (k - 1))
-    upper = torch.ones(k, k, dtype=torch.bool, device=u.device).triu_(1)
-    value = dist[:, upper].sum() * a
-    if grad_scale is None:
+    # The pairs t < s by a product with the mask, not a boolean index (a gather per chunk).
+    upper = torch.ones(k, k, dtype=dist.dtype, device=u3.device).triu_(1)
+    value = torch.tensordot(dist, upper, dims=([1, 2], [0, 1])).sum() * a
+    if not want_grad:
         return value, None
-    off_diagonal = ~torch.eye(k, dtype=torch.bool, device=u.device)
+    off_diagonal = ~torch.eye(k, dtype=torch.bool, device=u3.device)
     # A select, not a product with the mask: in fp32 the eps vanishes next to 2 and the
     # diagonal's distance is 0, its reciprocal inf.
-    g = torch.where((sims <= 1.0) & off_diagonal, dist.reciprocal_(), 0.0).mul_(-a * grad_scale)
+    g = torch.where((sims <= 1.0) & off_diagonal, dist.reciprocal_(), 0.0).mul_(-a * problem.tau)
     return value, g
-
-
-# --- the sweep over class chunks ----------------------------------------------------------------
 
 
 @dataclass
 class _Chunk:
     start: int  # first class
     stop: int
-    u: torch.Tensor  # its unit proxies, (m*K, d)
-    inv: torch.Tensor | None  # 1/||v|| of its raw proxies, (m*K, 1), when they were normalised
+    v: torch.Tensor  # its rows of the proxies as given, (m*K, d)
+    inv: torch.Tensor | None  # their 1/||v|| (m*K, 1), when they are to be normalised
     unclamped: torch.Tensor | None  # ||v|| > eps, (m*K, 1)
-    w: torch.Tensor  # the rows the GEMM saw, (m*k, d): u, or its class means in the mean mode
-    rows: torch.Tensor  # samples whose positive class is in the chunk
-    cols: torch.Tensor  # and that class, relative to start
-    s: torch.Tensor  # S, (N, m)
-    state: object  # for the reduction's backward
+    w: torch.Tensor  # the GEMMs' operand (m*k, d): v, or the class means of u in the mean mode
+    col_scale: torch.Tensor | None  # (m*k,): what scales x w^T into s (inv), None if nothing
 
 
-def _sweep(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, problem: _Problem,
-           reduction, chunk_elements: int):
-    """Yield the chunks of classes with their S; one GEMM each, in reused buffers."""
-    n, k, c = x.shape[0], problem.k, problem.num_classes
-    kp, d = problem.proxies_per_class, w.shape[1]
-    per_chunk = min(c, max(1, chunk_elements // (n * k)))
-    xs = x * reduction.x_scale if reduction.x_scale != 1.0 else x
-    t_buf = x.new_empty(n * per_chunk * k)
-    e_buf = torch.empty_like(t_buf) if isinstance(reduction, _Softmax) else None
-    u_buf = w.new_empty(per_chunk * kp * d) if problem.normalise else None
-    mean_buf = w.new_empty(per_chunk * d) if problem.averaged else None
-    # Samples sorted by label: those whose positive lies in a chunk are one slice of the order.
-    sorted_labels, order = torch.sort(labels, stable=True)
-    starts = list(range(0, c, per_chunk))
-    cuts = torch.searchsorted(sorted_labels, torch.tensor(starts + [c])).tolist()
-    for j, start in enumerate(starts):
-        stop = min(c, start + per_chunk)
-        m = stop - start
-        u, inv, unclamped = w[start * kp:stop * kp], None, None
+class _Proxies:
+    """The proxies as the sweeps read them, chunk by chunk, in reused buffers."""
+
+    def __init__(self, w: torch.Tensor, problem: _Problem, per_chunk: int) -> None:
+        self.w, self.problem = w, problem
+        self.inv = self.unclamped = None
         if problem.normalise:
-            u, inv, unclamped = _unit_rows(u, u_buf[:m * kp * d].view(m * kp, d))
-        w_chunk = u
-        if problem.averaged:
-            w_chunk = torch.mean(u.view(m, kp, d), 1, out=mean_buf[:m * d].view(m, d))
-        size = n * m * k
-        t = torch.mm(xs, w_chunk.T, out=t_buf[:size].view(n, -1)).view(n, -1, k)
-        e = e_buf[:size].view(t.shape) if e_buf is not None else None
-        s, state = reduction.forward(t, e)
-        lo, hi = cuts[j], cuts[j + 1]
-        yield _Chunk(start, stop, u, inv, unclamped, w_chunk, order[lo:hi],
-                     sorted_labels[lo:hi] - start, s, state)
+            # Filled chunk by chunk on the first visit, while the chunk's rows are on their way to
+            # its GEMM, rather than by a pass of their own over all the proxies.
+            self.inv = w.new_empty(w.shape[0], 1)
+            self.unclamped = torch.empty(w.shape[0], 1, dtype=torch.bool, device=w.device)
+        self.normed = 0  # rows of inv filled so far (chunks are first visited in order)
+        kp, d = problem.proxies_per_class, w.shape[1]
+        # The unit rows of a chunk are formed only for the mean mode and the regulariser.
+        need_u = problem.normalise and (problem.averaged or problem.tau)
+        self.u_buf = w.new_empty(per_chunk * kp * d) if need_u else None
+        self.mean_buf = w.new_empty(per_chunk * d) if problem.averaged else None
 
+    def chunk(self, start: int, stop: int) -> _Chunk:
+        kp = self.problem.proxies_per_class
+        v = self.w[start * kp:stop * kp]
+        inv = unclamped = None
+        if self.inv is not None:
+            inv, unclamped = self.inv[start * kp:stop * kp], self.unclamped[start * kp:stop * kp]
+            if stop * kp > self.normed:
+                norm_inv, mask = _inverse_norms(v)
+                inv.copy_(norm_inv)
+                unclamped.copy_(mask)
+                self.normed = stop * kp
+        chunk = _Chunk(start, stop, v, inv, unclamped, v, None)
+        if self.problem.averaged:
+            u = self.unit(chunk)
+            m, d = stop - start, v.shape[1]
+            chunk.w = torch.mean(u.view(m, kp, d), 1, out=self.mean_buf[:m * d].view(m, d))
+        elif inv is not None:
+            chunk.col_scale = inv.view(-1)
+        return chunk
 
-def _negative_logits(chunk: _Chunk, problem: _Problem) -> torch.Tensor:
-    """z = alpha (S + delta_neg) over the chunk, -inf at the positive entries."""
-    z = torch.add(chunk.s, problem.negative_delta).mul_(problem.alpha)
-    return z.index_put_((chunk.rows, chunk.cols), z.new_tensor(float("-inf")))
+    def unit(self, chunk: _Chunk) -> torch.Tensor:
+        """The chunk's unit rows (m*K, d), in the chunk buffer."""
+        if chunk.inv is None:
+            return chunk.v
+        return torch.mul(chunk.v, chunk.inv, out=self.u_buf[:chunk.v.numel()].view(chunk.v.shape))
 
-
-def _write_chunk_grads(chunk: _Chunk, g: torch.Tensor, reduction, x: torch.Tensor,
-                       dx: torch.Tensor | None, dw: torch.Tensor | None, problem: _Problem,
-                       g_reg: torch.Tensor | None, reg_scale: float = 1.0) -> None:
-    """G = dL/dS of the chunk -> ds -> dx += ds w[chunk] and the raw proxies' dw[chunk]: ds.T x,
-    spread over the K proxies in the mean mode, plus reg_scale * g_reg @ u (the regulariser's,
-    g_reg from :func:`_regularizer`), through the normalisation."""
-    ds = reduction.backward(g, chunk.state).reshape(x.shape[0], -1)
-    if dx is not None:
-        dx.addmm_(ds, chunk.w)
-    if dw is None:
-        return
-    kp = problem.proxies_per_class
-    du = dw[chunk.start * kp:chunk.stop * kp]
-    if problem.averaged:
-        dwbar = torch.mm(ds.T, x).div_(kp)
-        du.view(-1, kp, x.shape[1]).copy_(dwbar.unsqueeze(1))
-    else:
-        torch.mm(ds.T, x, out=du)
-    if g_reg is not None:
+    def add_grad(self, chunk: _Chunk, ds: torch.Tensor, x: torch.Tensor, du: torch.Tensor,
+                 first: bool) -> None:
+        """du (this chunk's rows of the gradient buffer) = or += du' of ds (n, m*k) and x (n, d)."""
+        if not self.problem.averaged:
+            if first:
+                torch.mm(ds.T, x, out=du)
+            else:
+                du.addmm_(ds.T, x)
+            return
+        kp = self.problem.proxies_per_class
         du3 = du.view(-1, kp, x.shape[1])
-        du3.baddbmm_(g_reg, chunk.u.view(du3.shape), alpha=reg_scale)
-    if problem.normalise:
-        dot = torch.linalg.vecdot(chunk.u, du, dim=1).unsqueeze(1).mul_(chunk.unclamped)
-        du.addcmul_(chunk.u, dot, value=-1.0).mul_(chunk.inv)
+        dwbar = torch.mm(ds.T, x).unsqueeze(1).expand(du3.shape)
+        factor = chunk.inv.view(-1, kp, 1) / kp if chunk.inv is not None else 1.0 / kp
+        if first:
+            torch.mul(dwbar, factor, out=du3)
+        else:
+            du3.addcmul_(dwbar, factor)
+
+    def finish(self, chunk: _Chunk, du: torch.Tensor | None):
+        """The chunk's share of eq. 3 (0 without it) and, with du, its final gradient in place:
+        the regulariser's share and the projection through the normalisation."""
+        problem, kp = self.problem, self.problem.proxies_per_class
+        if not problem.tau:
+            if du is not None and chunk.inv is not None:
+                dot = torch.linalg.vecdot(chunk.v, du, dim=1).unsqueeze(1)
+                du.addcmul_(chunk.v, dot.mul_(chunk.inv.square()).mul_(chunk.unclamped),
+                            value=-1.0)
+            return 0.0
+        u = self.unit(chunk)
+        u3 = u.view(-1, kp, u.shape[1])
+        value, g = _regularizer(u3, problem, du is not None)
+        if du is not None:
+            # inv G U, then the projection with u itself (not v inv): two proxies that coincide
+            # get G's large entries along u, which the projection then removes exactly.
+            du3 = du.view(u3.shape)
+            du3.baddbmm_(g.mul_(chunk.inv.view(-1, kp, 1)), u3)
+            dot = torch.linalg.vecdot(u, du, dim=1).unsqueeze(1).mul_(chunk.unclamped)
+            du.addcmul_(u, dot, value=-1.0)
+        return value
+
+
+# --- the sweep over a block of rows and chunks of classes ---------------------------------------
+
+
+@dataclass
+class _Visit:
+    chunk: _Chunk
+    t: torch.Tensor  # J (n, m, k) in its buffer; S itself in the identity
+    inv_z: torch.Tensor | None  # 1/Z (n, m), or None
+    z: torch.Tensor  # the negative logits alpha (S + delta_neg) (n, m), -inf at the positives
+    rows: torch.Tensor  # rows of the block whose positive class is in the chunk
+    cols: torch.Tensor  # and that class, relative to the chunk's start
+
+
+class _Block:
+    """Rows [lo, hi) of x against every class, chunk by chunk; t of chunk j in t_store[j] when a
+    store is given (the whole block's J is then kept), else in one reused buffer."""
+
+    def __init__(self, xs, labels, problem, reduction, proxies, per_chunk, t_store=None):
+        self.xs, self.problem, self.reduction, self.proxies = xs, problem, reduction, proxies
+        n, k, c = xs.shape[0], problem.k, problem.num_classes
+        self.per_chunk, self.starts = per_chunk, list(range(0, c, per_chunk))
+        self.t_store = t_store
+        self.t_buf = xs.new_empty(n * per_chunk * k) if t_store is None else None
+        self.e_buf = (xs.new_empty(n * per_chunk * k) if isinstance(reduction, _Softmax)
+                      else None)
+        # Rows sorted by label: those whose positive lies in a chunk are one slice of the order.
+        self.sorted_labels, self.order = torch.sort(labels, stable=True)
+        self.cuts = torch.searchsorted(self.sorted_labels,
+                                       torch.tensor(self.starts + [c])).tolist()
+
+    def visit(self, j: int) -> _Visit:
+        n, k, problem = self.xs.shape[0], self.problem.k, self.problem
+        start = self.starts[j]
+        stop = min(problem.num_classes, start + self.per_chunk)
+        chunk = self.proxies.chunk(start, stop)
+        size = n * (stop - start) * k
+        buf = self.t_buf if self.t_store is None else self.t_store[j]
+        t2 = torch.mm(self.xs, chunk.w.T, out=buf[:size].view(n, -1))
+        if chunk.col_scale is not None:
+            t2.mul_(chunk.col_scale)
+        t = t2.view(n, -1, k)
+        e = self.e_buf[:size].view(t.shape) if self.e_buf is not None else None
+        s, inv_z = self.reduction.forward(t, e)
+        lo, hi = self.cuts[j], self.cuts[j + 1]
+        rows, cols = self.order[lo:hi], self.sorted_labels[lo:hi] - start
+        z = torch.add(s, problem.negative_delta).mul_(problem.alpha)
+        z.index_put_((rows, cols), z.new_tensor(float("-inf")))
+        return _Visit(chunk, t, inv_z, z, rows, cols)
+
+    def write_grads(self, visit: _Visit, g: torch.Tensor, x, dx, dw, first: bool) -> None:
+        """G = dL/dS of a visited chunk (n, m), overwritten -> ds -> dx += ds u[chunk] and the
+        chunk's du' (= when first, else +=)."""
+        if visit.inv_z is not None:
+            g.mul_(visit.inv_z)
+        ds = g if isinstance(self.reduction, _Identity) else visit.t.mul_(g.unsqueeze(-1))
+        ds = ds.view(x.shape[0], -1)
+        chunk = visit.chunk
+        if chunk.col_scale is not None:
+            ds.mul_(chunk.col_scale)
+        if dx is not None:
+            dx.addmm_(ds, chunk.w)
+        if dw is not None:
+            kp = self.problem.proxies_per_class
+            self.proxies.add_grad(chunk, ds, x, dw[chunk.start * kp:chunk.stop * kp], first)
+
+
+def _classes_per_chunk(chunk_elements: int, rows: int, problem: _Problem, d: int) -> int:
+    """Classes per chunk: rows x classes x k similarities within the budget, and the chunk's
+    unit proxies (classes x K x d, formed for the regulariser and the mean mode) within four
+    times it."""
+    return min(problem.num_classes, max(1, chunk_elements // (rows * problem.k)),
+               max(1, 4 * chunk_elements // (problem.proxies_per_class * d)))
 
 
 def _positive_similarity(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor,
                          problem: _Problem, reduction) -> torch.Tensor:
     """S_{i, y_i} for every sample, (N,): a gather of its class's K proxies, N*K*d work."""
     kp, d = problem.proxies_per_class, w.shape[1]
-    w_pos = w.view(problem.num_classes, kp, d)[labels].view(-1, d)  # (N*K, d)
+    index = (labels * kp).unsqueeze(1) + torch.arange(kp, device=labels.device)
+    w_pos = w.index_select(0, index.view(-1))  # (N*K, d), whatever w's strides
     if problem.normalise:
-        w_pos, _, _ = _unit_rows(w_pos, torch.empty_like(w_pos))
+        w_pos = w_pos.mul_(_inverse_norms(w_pos)[0])
     w_pos = w_pos.view(-1, kp, d)
     if problem.averaged:
         w_pos = w_pos.mean(1, keepdim=True)
     t = torch.bmm(w_pos, (x * reduction.x_scale).unsqueeze(-1)).view(x.shape[0], 1, problem.k)
     s, _ = reduction.forward(t, torch.empty_like(t))
-    return s.view(-1)
+    return s.reshape(-1)
+
+
+def _scaled(x: torch.Tensor, reduction) -> torch.Tensor:
+    return x * reduction.x_scale if reduction.x_scale != 1.0 else x
+
+
+def _proxy_rows(dw: torch.Tensor | None, chunk: _Chunk, problem: _Problem):
+    kp = problem.proxies_per_class
+    return dw[chunk.start * kp:chunk.stop * kp] if dw is not None else None
 
 
 # --- the two families ---------------------------------------------------------------------------
@@ -370,10 +476,11 @@ def _positive_similarity(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor,
 # P_c = log(1 + sum_{i: y_i = c} e^q_i), L = sum_{c in C+} P_c / |C+| + sum_c N_c / C.
 #   dL/dS_ic (negative) = (alpha / C) e^(z_ic - N_c)
 #   dL/dS_iy (positive) = -(alpha / |C+|) e^(q_i - P_y)
-# Both are final once the chunk holding class c has been seen.
+# Both are final once the chunk holding class c has been seen: one sweep of all rows over the
+# classes writes the gradients as it goes, in three GEMMs.
 
 
-def _column_wise_forward(x, w, labels, problem, reduction, chunk_elements, dx, dw):
+def _column_wise(x, w, labels, problem, reduction, chunk_elements, dx, dw):
     c = problem.num_classes
     alpha, delta = problem.alpha, problem.delta
     q = -alpha * (_positive_similarity(x, w, labels, problem, reduction) - delta)
@@ -382,29 +489,24 @@ def _column_wise_forward(x, w, labels, problem, reduction, chunk_elements, dx, d
     p = m.neg().exp_().index_add_(0, labels, (q - m[labels]).exp_()).log_().add_(m)
     num_present = int(torch.count_nonzero(torch.bincount(labels, minlength=c)))
     g_pos = (q - p[labels]).exp_().mul_(-alpha / num_present)
+    per_chunk = _classes_per_chunk(chunk_elements, x.shape[0], problem, x.shape[1])
+    proxies = _Proxies(w, problem, per_chunk)
+    block = _Block(_scaled(x, reduction), labels, problem, reduction, proxies, per_chunk)
     negative = q.new_empty(c)
     regularizer = []
-    want_grads = dx is not None or dw is not None
-    for chunk in _sweep(x, w, labels, problem, reduction, chunk_elements):
-        g_reg = None
-        if problem.tau:
-            value, g_reg = _regularizer(chunk.u, problem, problem.tau if dw is not None else None)
-            regularizer.append(value)
-        z = _negative_logits(chunk, problem)
-        zmax = z.amax(0).clamp_min_(0.0)  # the zero logit takes part in the max
-        ez = z.sub_(zmax).exp_()
+    for j in range(len(block.starts)):
+        visit = block.visit(j)
+        zmax = visit.z.amax(0).clamp_min_(0.0)  # the zero logit takes part in the max
+        ez = visit.z.sub_(zmax).exp_()
         n_c = ez.sum(0).add_(zmax.neg().exp_()).log_().add_(zmax)
-        negative[chunk.start:chunk.stop] = n_c
-        if want_grads:
+        negative[visit.chunk.start:visit.chunk.stop] = n_c
+        if dx is not None or dw is not None:
             # e^(z - N_c) = ez e^(zmax - N_c); the positive entries of ez are 0, g_pos goes there.
             g = ez.mul_(zmax.sub_(n_c).exp_().mul_(alpha / c))
-            g.index_put_((chunk.rows, chunk.cols), g_pos[chunk.rows])
-            _write_chunk_grads(chunk, g, reduction, x, dx, dw, problem, g_reg)
-    return p.sum() / num_present + negative.sum() / c + _weighted_sum(regularizer, problem.tau)
-
-
-def _weighted_sum(terms: list[torch.Tensor], weight: float):
-    return weight * torch.stack(terms).sum() if terms else 0.0
+            g.index_put_((visit.rows, visit.cols), g_pos[visit.rows])
+            block.write_grads(visit, g, x, dx, dw, first=True)
+        regularizer.append(proxies.finish(visit.chunk, _proxy_rows(dw, visit.chunk, problem)))
+    return p.sum() / num_present + negative.sum() / c + problem.tau * sum(regularizer)
 
 
 # Row-wise (MPA-DW eq. 12, MPA-AP eq. 16, SoftTriple eq. 2, ProxyNCA as SoftTriple):
@@ -415,7 +517,12 @@ def _weighted_sum(terms: list[torch.Tensor], weight: float):
 #   SoftTriple: base {q},    extra -q              (cross-entropy)
 #   dL/dS_ic (negative) = (alpha / N) e^(z_ic - lse_i)
 #   dL/dS_iy (positive) = sign alpha / N * ([q in base] e^(q_i - lse_i) + extra'(q_i))
-# lse_i needs every class, so the gradient waits for the backward sweep.
+# lse_i needs every class before any of row i's gradient exists. The rows are swept in blocks: a
+# block's chunks of classes are visited once for an online log-sum-exp, keeping their J and
+# logits, and then again for the gradients, from what was kept: three GEMMs. The blocks are as
+# large as ROW_BLOCK_BYTES allows (one block, all rows, where it holds them); where that would
+# make them thinner than MIN_BLOCK_ROWS, whose GEMMs run slower than a fourth GEMM costs, all
+# rows form one block that keeps nothing and recomputes each chunk on its second visit.
 
 _SOFTPLUS_THRESHOLD = 20.0  # F.softplus's default
 
@@ -439,87 +546,114 @@ def _row_extra(loss: str, q: torch.Tensor):
     return torch.zeros_like(q), torch.zeros_like(q)
 
 
-def _row_wise_forward(x, w, labels, problem, reduction, chunk_elements, g_reg_all):
+def _row_blocks(n: int, problem: _Problem, reduction, itemsize: int) -> tuple[int, bool]:
+    """Rows per block of the row-wise sweep with gradients, and whether a block keeps its J."""
+    c, k = problem.num_classes, problem.k
+    # Kept per row and class: the logits, 1/Z (softmax) and J (K numbers; none in the identity).
+    per_row = c * (1 + isinstance(reduction, _Softmax)
+                   + (0 if isinstance(reduction, _Identity) else k)) * itemsize
+    rows = ROW_BLOCK_BYTES // per_row
+    if rows >= n:
+        return n, True
+    if rows < MIN_BLOCK_ROWS:
+        return n, False  # one block that recomputes
+    blocks = -(-n // rows)
+    return -(-n // blocks), True
+
+
+def _row_wise(x, w, labels, problem, reduction, chunk_elements, dx, dw):
+    n, c, k = x.shape[0], problem.num_classes, problem.k
     with_zero, with_q = _ROW_WISE[problem.loss]
     q = problem.positive_sign * problem.alpha * (
         _positive_similarity(x, w, labels, problem, reduction) - problem.delta)
-    # The online log-sum-exp starts from the base logits, so its running max is finite from the
-    # first chunk on (a chunk may hold nothing but a sample's positive, all -inf for that row).
-    base = [q.new_zeros(q.shape)] * with_zero + [q] * with_q
-    run_max = torch.stack(base).amax(0)
-    run_sum = sum((b - run_max).exp_() for b in base)
+    extra, d_extra = _row_extra(problem.loss, q)
+    want_grads = dx is not None or dw is not None
+    rows, keep = _row_blocks(n, problem, reduction, x.element_size()) if want_grads else (n, False)
+    # Chunks of as many classes as in the class sweep (a block's tiles are the smaller), so that the
+    # proxies' side of a chunk stays bounded by the budget too.
+    per_chunk = _classes_per_chunk(chunk_elements, n, problem, x.shape[1])
+    proxies = _Proxies(w, problem, per_chunk)
+    starts = range(0, c, per_chunk)
+    store = None
+    if keep and not isinstance(reduction, _Identity):
+        flat = x.new_empty(rows * c * k)
+        store = [flat[s * k * rows:min(c, s + per_chunk) * k * rows] for s in starts]
+    xs = _scaled(x, reduction)
+    lse = q.new_empty(n)
     regularizer = []
-    for chunk in _sweep(x, w, labels, problem, reduction, chunk_elements):
-        if problem.tau:
-            # The regulariser's gradient matrix is kept for the backward (C*K*K elements, K/d of
-            # the proxies' size), which spares it a second batched product over all proxies.
-            value, g_reg = _regularizer(chunk.u, problem,
-                                        problem.tau if g_reg_all is not None else None)
-            regularizer.append(value)
-            if g_reg is not None:
-                g_reg_all[chunk.start:chunk.stop] = g_reg
-        z = _negative_logits(chunk, problem)
-        new_max = torch.maximum(run_max, z.amax(1))
-        run_sum = run_sum.mul_(run_max.sub_(new_max).exp_()).add_(
-            z.sub_(new_max.unsqueeze(1)).exp_().sum(1))
-        run_max = new_max
-    lse = run_sum.log_().add_(run_max)
-    extra, _ = _row_extra(problem.loss, q)
-    return (lse + extra).mean() + _weighted_sum(regularizer, problem.tau), q, lse
-
-
-def _row_wise_backward(x, w, labels, problem, reduction, chunk_elements, q, lse, g_reg_all, scale,
-                       dx, dw):
-    _, with_q = _ROW_WISE[problem.loss]
-    _, d_extra = _row_extra(problem.loss, q)
-    coef = problem.alpha * scale / x.shape[0]
-    d_q = d_extra.add_((q - lse).exp_()) if with_q else d_extra
-    g_pos = d_q.mul_(problem.positive_sign * coef)
-    for chunk in _sweep(x, w, labels, problem, reduction, chunk_elements):
-        g = _negative_logits(chunk, problem).sub_(lse.unsqueeze(1)).exp_().mul_(coef)
-        g.index_put_((chunk.rows, chunk.cols), g_pos[chunk.rows])
-        g_reg = g_reg_all[chunk.start:chunk.stop] if g_reg_all is not None else None
-        _write_chunk_grads(chunk, g, reduction, x, dx, dw, problem, g_reg, scale)
+    coef = problem.alpha / n
+    for lo in range(0, n, rows):
+        hi = min(n, lo + rows)
+        block = _Block(xs[lo:hi], labels[lo:hi], problem, reduction, proxies, per_chunk, store)
+        q_b = q[lo:hi]
+        # The online log-sum-exp starts from the base logits, so its running max is finite from
+        # the first chunk on (a chunk may hold nothing but a row's positive, all -inf there).
+        base = [q_b.new_zeros(q_b.shape)] * with_zero + [q_b] * with_q
+        run_max = torch.stack(base).amax(0)
+        run_sum = sum((b - run_max).exp_() for b in base)
+        visits = []
+        for j in range(len(starts)):
+            visit = block.visit(j)
+            new_max = torch.maximum(run_max, visit.z.amax(1))
+            run_sum = run_sum.mul_(run_max.sub_(new_max).exp_()).add_(
+                torch.sub(visit.z, new_max.unsqueeze(1)).exp_().sum(1))
+            run_max = new_max
+            if keep:
+                visits.append(visit)
+            if not want_grads:
+                regularizer.append(proxies.finish(visit.chunk, None))
+        lse_b = run_sum.log_().add_(run_max)
+        lse[lo:hi] = lse_b
+        if not want_grads:
+            continue
+        d_q = d_extra[lo:hi] + (q_b - lse_b).exp_() if with_q else d_extra[lo:hi]
+        g_pos = d_q.mul(problem.positive_sign * coef)
+        dx_b = dx[lo:hi] if dx is not None else None
+        for j in range(len(starts)):
+            if keep:
+                visit = visits[j]
+                if problem.averaged:  # its class means were in a buffer that later chunks reused
+                    visit.chunk = proxies.chunk(visit.chunk.start, visit.chunk.stop)
+            else:
+                visit = block.visit(j)
+            g = visit.z.sub_(lse_b.unsqueeze(1)).exp_().mul_(coef)
+            g.index_put_((visit.rows, visit.cols), g_pos[visit.rows])
+            block.write_grads(visit, g, x[lo:hi], dx_b, dw, first=lo == 0)
+            if hi == n:
+                regularizer.append(
+                    proxies.finish(visit.chunk, _proxy_rows(dw, visit.chunk, problem)))
+        del visits
+    return (lse + extra).mean() + problem.tau * sum(regularizer)
 
 
 class _ChunkedProxyLoss(torch.autograd.Function):
     """The scalar loss from x_hat (N, d) and the proxies (C*K, d), raw or unit as the problem
-    says, with analytic gradients."""
+    says. Both families form the gradients during the forward (for a grad_output of 1) when they
+    are wanted; the backward scales them. Differentiable once: the gradients are numbers, not a
+    graph, so a double backward is refused."""
 
     @staticmethod
     def forward(ctx, x, w, labels, problem, chunk_elements, want_dx, want_dw):
         reduction = _reduction(problem, x.dtype)
-        ctx.problem, ctx.chunk_elements = problem, chunk_elements
-        if problem.column_wise:
-            # The gradient is final inside each chunk: computed here, for a grad_output of 1.
-            dx = torch.zeros_like(x) if want_dx else None
-            dw = torch.empty_like(w) if want_dw else None
-            loss = _column_wise_forward(x, w, labels, problem, reduction, chunk_elements, dx, dw)
-            # Saved (not kept on ctx) so that autograd frees them with the graph.
-            ctx.save_for_backward(dx, dw)
-        else:
-            k = problem.proxies_per_class
-            g_reg_all = w.new_empty(problem.num_classes, k, k) if problem.tau and want_dw else None
-            loss, q, lse = _row_wise_forward(x, w, labels, problem, reduction, chunk_elements,
-                                             g_reg_all)
-            ctx.save_for_backward(x, w, labels, q, lse, g_reg_all)
+        # Contiguous whatever the inputs' layouts: the chunks' gradients are views of these.
+        dx = torch.zeros(x.shape, dtype=x.dtype, device=x.device) if want_dx else None
+        dw = torch.empty(w.shape, dtype=w.dtype, device=w.device) if want_dw else None
+        family = _column_wise if problem.column_wise else _row_wise
+        loss = family(x, w, labels, problem, reduction, chunk_elements, dx, dw)
+        # Saved (not kept on ctx) so that autograd frees them with the graph.
+        ctx.save_for_backward(dx, dw)
         return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output):
-        problem = ctx.problem
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "backend='torch' computes its gradients analytically and cannot differentiate "
+                "them again (create_graph=True, double backward); use backend='reference' for "
+                "higher-order gradients")
+        dx, dw = ctx.saved_tensors
         scale = float(grad_output)
-        if problem.column_wise:
-            dx, dw = ctx.saved_tensors
-            if scale != 1.0:
-                dx = dx * scale if dx is not None else None
-                dw = dw * scale if dw is not None else None
-        else:
-            x, w, labels, q, lse, g_reg_all = ctx.saved_tensors
-            dx = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
-            dw = torch.empty_like(w) if ctx.needs_input_grad[1] else None
-            if dx is not None or dw is not None:
-                _row_wise_backward(x, w, labels, problem, _reduction(problem, x.dtype),
-                                   ctx.chunk_elements, q, lse, g_reg_all, scale, dx, dw)
+        if scale != 1.0:
+            dx = dx * scale if dx is not None else None
+            dw = dw * scale if dw is not None else None
         return dx, dw, None, None, None, None, None
