@@ -32,17 +32,20 @@ GEMM-bound loop that spills runs at a fraction of the tensor cores' rate. What i
   ``64 x BLOCK_D`` fp32 products and their operands. 64 x 64 on 8 warps is 16 registers a tile
   (64 x 64 on 4 warps was 32 and spilled ~1 KiB per thread); it stays square, as both owner
   sides need (``BLOCK_M = BLOCK_C * KP``).
-* ``BLOCK_D`` (the d chunk, the dot's reduction depth): 32 for fp16/bf16, whose dot operands live
-  in shared memory; 16 for fp32. An fp32 ``ieee`` dot runs on FMA units, not tensor cores, and
-  holds its operand slices in registers in proportion to ``BLOCK_D`` (64 x 64 x 32 spilled,
-  64 x 64 x 16 does not); that path also takes 64 x 64 forward tiles. fp32 with TF32 uses the
-  tensor cores and takes the 16-bit forward tile, 128 x 64, with ``BLOCK_D = 16`` (64 bytes of a row
-  per load, as 32 gives for 16-bit).
+* ``BLOCK_D`` (the d chunk, the dot's reduction depth): 32 for fp16/bf16 and 16 for fp32, 64
+  bytes of a row per load either way. An fp32 ``ieee`` dot runs on FMA units, not tensor cores,
+  and holds its operand slices in registers in proportion to ``BLOCK_D`` (64 x 64 x 32 spilled,
+  64 x 64 x 16 does not). That path takes 64 x 64 forward tiles and one stage (no second buffer
+  for the next d chunk): it is bound by its FMAs (256 per thread per chunk), not by the loads a
+  second buffer would hide, and with that buffer the ptxas of Triton 3.6 held it to 128
+  registers and spilled. fp32 with TF32 runs on the tensor cores and takes the 16-bit forward
+  tile, 128 x 64.
 
 ``python -m mpa_kernels.kernels.compile_check --resources`` prints registers, stack, shared memory
-and occupancy for every variant on sm_80 and sm_90 and fails on any stack; the tests run it. Every
-variant sits at one block of 8 warps per SM (registers bound it), which leaves latency hiding to
-the warps of that block and to the loads of the next d chunk.
+and occupancy for every variant on sm_80 and sm_90 and fails on any stack; the tests run it.
+Registers bound every variant to one block of 8 warps per SM (two for the fp32 ``ieee``
+forward), which leaves latency hiding to the warps of that block and to the loads of the next d
+chunk.
 
 * Row-wise family (MPA-DW, MPA-AP, SoftTriple, ProxyNCA): grid (row tiles, splits of the class
   tiles). Each program runs an online log-sum-exp over its classes and writes one partial LSE per
@@ -442,17 +445,19 @@ KINDS = ("forward", "backward")
 
 
 def _tiles(kind: str, dtype: torch.dtype, precision: str,
-           interpret: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, columns, BLOCK_D, warps); the module docstring's "Tiles and registers" says why.
-    Under the interpreter, 32-wide tiles: the small test shapes then span several tiles and
-    splits, so the masking and the loops are exercised, and it stays quick."""
+           interpret: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, columns, BLOCK_D, warps, stages); the module docstring's "Tiles and registers"
+    says why. Under the interpreter, 32-wide tiles: the small test shapes then span several tiles
+    and splits, so the masking and the loops are exercised, and it stays quick."""
     if interpret:
-        return 32, 32, 32, 4
+        return 32, 32, 32, 4, 3
     if kind == "backward":
-        return 64, 64, (32 if dtype != torch.float32 else 16), 8
+        return 64, 64, (32 if dtype != torch.float32 else 16), 8, 3
     if dtype != torch.float32:
-        return 128, 64, 32, 8
-    return (128 if precision == "tf32" else 64), 64, 16, 8
+        return 128, 64, 32, 8, 3
+    if precision == "tf32":
+        return 128, 64, 16, 8, 3
+    return 64, 64, 16, 8, 1
 
 
 def specialisation(kind: str, loss: str, proxies_per_class: int, dtype: torch.dtype,
@@ -470,7 +475,7 @@ def specialisation(kind: str, loss: str, proxies_per_class: int, dtype: torch.dt
     interpret = triton_interpreting() if interpret is None else interpret
     kp = triton.next_power_of_2(proxies_per_class)
     precision = "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"
-    block_m, columns, block_d, warps = _tiles(kind, dtype, precision, interpret)
+    block_m, columns, block_d, warps, stages = _tiles(kind, dtype, precision, interpret)
     code = LOSS_CODES[loss]
     constexprs = (("KP", kp),)
     if kind == "forward":
@@ -482,7 +487,7 @@ def specialisation(kind: str, loss: str, proxies_per_class: int, dtype: torch.dt
                    ("BLOCK_D", block_d), ("PRECISION", precision))
     name = f"{kernel.__name__}[KP={kp},{_TRITON_DTYPES[dtype]},{precision}]"
     arg_types = tuple((arg, t.replace("S", _TRITON_DTYPES[dtype])) for arg, t in args)
-    return Specialisation(name, kernel, arg_types, constexprs, warps)
+    return Specialisation(name, kernel, arg_types, constexprs, warps, stages)
 
 
 def _enumerate_specialisations() -> tuple:
