@@ -37,9 +37,12 @@ GEMM-bound loop that spills runs at a fraction of the tensor cores' rate. What i
   and holds its operand slices in registers in proportion to ``BLOCK_D`` (64 x 64 x 32 spilled,
   64 x 64 x 16 does not). That path takes 64 x 64 forward tiles and one stage (no second buffer
   for the next d chunk): it is bound by its FMAs (256 per thread per chunk), not by the loads a
-  second buffer would hide, and with that buffer the ptxas of Triton 3.6 held it to 128
-  registers and spilled. fp32 with TF32 runs on the tensor cores and takes the 16-bit forward
-  tile, 128 x 64.
+  second buffer would hide, and that buffer costs ~90 registers a thread there. fp32 with TF32
+  runs on the tensor cores and takes the 16-bit forward tile, 128 x 64.
+* ptxas gets the whole budget, ``.maxnreg 255`` (:data:`MAX_REGISTERS`): left to itself it
+  sometimes holds a kernel that needs 130-170 registers to 128, for two blocks per SM, and spills
+  to get there (seen with the ptxas of Triton 3.6 and of 3.9); a spilling inner loop costs more
+  than the second block gains.
 
 ``python -m mpa_kernels.kernels.compile_check --resources`` prints registers, stack, shared memory
 and occupancy for every variant on sm_80 and sm_90 and fails on any stack; the tests run it.
@@ -426,6 +429,9 @@ def _backward_kernel(
 # compiled variants (the compile check builds every one for two architectures in CI).
 MAX_PROXIES_PER_CLASS = 16
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# The register budget a thread of these kernels gets (ptxas's .maxnreg): the hardware's 255. Left
+# to itself, ptxas sometimes aims at 128, two blocks of 8 warps per SM, and spills to get there.
+MAX_REGISTERS = 255
 _FORWARD_ARGS = (
     ("x_ptr", "*S"), ("w_ptr", "*S"), ("labels_ptr", "*i64"), ("part0_ptr", "*fp32"),
     ("part1_ptr", "*fp32"), ("N", "i32"), ("C", "i32"), ("K", "i32"), ("D", "i32"),
@@ -487,7 +493,7 @@ def specialisation(kind: str, loss: str, proxies_per_class: int, dtype: torch.dt
                    ("BLOCK_D", block_d), ("PRECISION", precision))
     name = f"{kernel.__name__}[KP={kp},{_TRITON_DTYPES[dtype]},{precision}]"
     arg_types = tuple((arg, t.replace("S", _TRITON_DTYPES[dtype])) for arg, t in args)
-    return Specialisation(name, kernel, arg_types, constexprs, warps, stages)
+    return Specialisation(name, kernel, arg_types, constexprs, warps, stages, MAX_REGISTERS)
 
 
 def _enumerate_specialisations() -> tuple:

@@ -300,6 +300,7 @@ class Specialisation:
     constexprs: tuple  # ((name, value), ...)
     num_warps: int
     num_stages: int = 3  # software-pipelining depth of the loops over tl.dot (Triton's default)
+    maxnreg: int | None = None  # register budget per thread given to ptxas; None: its own choice
 
     def signature(self) -> dict:
         """Triton's signature dict: runtime argument types, then ``"constexpr"`` for the rest."""
@@ -309,7 +310,8 @@ class Specialisation:
 
     def options(self) -> tuple:
         """The compile options besides the constexprs, as ``(name, value)`` pairs."""
-        return ("num_warps", self.num_warps), ("num_stages", self.num_stages)
+        budget = () if self.maxnreg is None else (("maxnreg", self.maxnreg),)
+        return ("num_warps", self.num_warps), ("num_stages", self.num_stages), *budget
 
     def launch(self, grid, *args) -> None:
         """Launch on the device of the tensor arguments (Triton launches on the current one)."""
