@@ -170,7 +170,9 @@ def reduce_terms(
 ) -> torch.Tensor:
     """The loss from a backend's unreduced similarity terms plus ``spec.tau * regularizer``.
 
-    Row-wise family (MPA-DW, MPA-AP, SoftTriple, ProxyNCA), ``terms`` of shape ``(N,)``:
+    Row-wise family (MPA-DW, MPA-AP, SoftTriple, ProxyNCA), ``terms`` of shape ``(N,)`` (sample
+    ``i``'s term ``l_i``) or ``(2, N)`` (``lse_i``, ``extra_i``: ``l_i = extra_i + softplus(lse_i)``
+    for the losses with a zero logit, MPA-DW and MPA-AP, else ``extra_i + lse_i``):
     ``"none"`` gives sample ``i``'s loss ``l_i + tau * R`` (the regulariser ``R`` of eq. 3 does not
     depend on the sample, so every term carries it whole), ``"mean"`` their mean (the loss),
     ``"sum"`` their sum. A weighted mean ``(w * none).sum() / w.sum()`` is the sample-weighted loss.
@@ -182,6 +184,11 @@ def reduce_terms(
     ``"sum"`` is refused (the loss is already a sum over classes).
     """
     check_reduction(reduction, spec)
+    if not spec.column_wise and terms.dim() == 2:
+        lse, extra = terms[0], terms[1]
+        if spec.loss in ("mpa_dw", "mpa_ap"):
+            lse = torch.logaddexp(lse, torch.zeros_like(lse))
+        terms = extra + lse
     if spec.column_wise:
         pos, neg = terms[0], terms[1]
         c = spec.num_classes

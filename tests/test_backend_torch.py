@@ -4,7 +4,9 @@ Every loss, every similarity mode, the odd-shape grid of GUIDE.md, and chunk bud
 that the class sweep runs in many chunks (one class per chunk, and two with a ragged last one); the
 tests that run with the default budget cover the single-chunk case. Through the API the backend gets
 raw proxies (``proxy_loss``: normalisation and regulariser fused into its sweep), so the proxies
-are given norms far from one; ``similarity_loss`` (unit proxies) is checked on its own.
+are given norms far from one; ``similarity_loss`` (unit proxies) is checked on its own. The
+unreduced terms (``proxy_terms``, ``similarity_terms``) are checked against a plain computation of
+the contract under random upstream gradients, and through the front end's other reductions.
 """
 
 import pytest
@@ -12,9 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from mpa_kernels import functional as MF
+from mpa_kernels import reference
 from mpa_kernels._spec import LossSpec
 from mpa_kernels.backends import resolve
 from mpa_kernels.backends import torch_chunked
+from mpa_kernels.parallel import LOSS_CLASSES
 
 MULTI_PROXY = {
     "mpa": MF.mpa_loss,
@@ -42,6 +46,10 @@ D = 16
 def _labels(n, c, kind, gen):
     if kind == "single":
         return torch.full((n,), c - 2, dtype=torch.long)
+    if kind == "outside":  # some in [0, C), some below and above it
+        labels = torch.randint(-2, c + 2, (n,), generator=gen)
+        assert ((labels < 0) | (labels >= c)).any() and ((labels >= 0) & (labels < c)).any()
+        return labels
     high = max(1, c // 2) if kind == "subset" else c
     return torch.randint(0, high, (n,), generator=gen)
 
@@ -284,11 +292,13 @@ def test_memory_does_not_grow_with_n_c_k(loss, monkeypatch):
     assert _peak_bytes(run("torch")) < s_bytes / 2
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("loss", ["mpa", "mpa_dw"])
-def test_memory_has_no_proxy_sized_temporary(loss, monkeypatch):
+def test_memory_has_no_proxy_sized_temporary(loss, reduction, monkeypatch):
     """Through the API (raw proxies, regulariser on), forward and backward hold, beyond the
     gradients they return, well under one proxy-sized (C*K*d) plus one N x C*K tensor: the proxies'
-    normalisation, the regulariser and their gradients are done chunk by chunk."""
+    normalisation, the regulariser and their gradients are done chunk by chunk, for the mean and
+    for the terms (whose backward recomputes the chunks)."""
     d = 64
     (n, c, k), (x, y, w) = _memory_case(d, monkeypatch)
     grads_bytes = (n + c * k) * d * 4
@@ -297,8 +307,9 @@ def test_memory_has_no_proxy_sized_temporary(loss, monkeypatch):
     def extra_peak(backend):
         x.grad = w.grad = None  # freed before, not during, the measured call
         # validate=False: the front end's input checks make temporaries of their own.
-        peak = _peak_bytes(lambda: MULTI_PROXY[loss](x, y, w, proxies_per_class=k, tau=0.2,
-                                                     backend=backend, validate=False).backward())
+        peak = _peak_bytes(lambda: MULTI_PROXY[loss](
+            x, y, w, proxies_per_class=k, tau=0.2, backend=backend, validate=False,
+            reduction=reduction).sum().backward())
         return peak - grads_bytes
 
     assert extra_peak("reference") > budget
@@ -422,3 +433,129 @@ def test_proxies_of_any_layout(loss, layout, monkeypatch):
     got = _value_and_grads(fn, x, y, odd, "torch", **kwargs)
     want = _value_and_grads(fn, x, y, w, "reference", **kwargs)
     _assert_matches(got, want, 1e-10)
+
+
+
+# --- the unreduced terms: similarity_terms, proxy_terms ----------------------------------------
+
+# The odd shapes, and labels outside [0, C) (a class-parallel shard's rows whose class another
+# shard holds).
+TERMS_SHAPES = {**SHAPES, "outside": (12, 6, 3, "outside")}
+TERMS_CASES = [(loss, sim) for loss in MULTI_PROXY for sim in ("softmax", "max", "mean")] + [
+    (loss, "softmax") for loss in ONE_PROXY]
+HYPER = {"soft_triple": (20.0, 0.01), "proxy_nca": (MF.nca_alpha(9.0), 0.0)}
+
+
+def _spec(loss, c, k, similarity):
+    alpha, delta = HYPER.get(loss, (32.0, 0.1))
+    return LossSpec(loss, c, k, alpha, delta, 0.1, similarity)
+
+
+def _masked_lse(z, members):
+    """log sum_{members} e^z along rows; -inf, with a zero gradient, for a row without members."""
+    some = members.any(1)
+    safe = torch.where(members, z, torch.where(some, float("-inf"), 0.0).unsqueeze(1))
+    return torch.where(some, torch.logsumexp(safe, 1), float("-inf"))
+
+
+def _plain_terms(x_hat, w_hat, labels, spec):
+    """The terms of the backend contract, written out over the reference's class similarities."""
+    S = reference.class_similarity(x_hat, w_hat, spec.proxies_per_class, spec.similarity,
+                                   spec.gamma, normalise=False)
+    c, a, d = spec.num_classes, spec.alpha, spec.delta
+    pos = F.one_hot(labels.clamp(0, c - 1), c).bool() & ((labels >= 0) & (labels < c))[:, None]
+    if spec.column_wise:
+        return torch.stack([reference.log1p_sum_exp(-a * (S - d), pos, dim=0),
+                            reference.log1p_sum_exp(a * (S + d), ~pos, dim=0)])
+    everyone = torch.ones_like(pos)
+    if spec.loss == "mpa_dw":
+        lse = _masked_lse(a * (S + d), ~pos)
+        extra = torch.where(pos, F.softplus(-a * (S - d)), 0.0).sum(1)
+    elif spec.loss == "mpa_ap":
+        lse = _masked_lse(a * torch.where(pos, d - S, S + d), everyone)
+        extra = torch.zeros_like(lse)
+    else:
+        z = a * (S - d * pos.to(S.dtype))  # a bool tensor times a float is float32
+        lse, extra = _masked_lse(z, everyone), -torch.where(pos, z, 0.0).sum(1)
+    return torch.stack([lse, extra])
+
+
+def _close(got, want, tol):
+    """got (any float dtype) against the fp64 want, relative to want's largest finite entry."""
+    scale = want[torch.isfinite(want)].abs().max() if torch.isfinite(want).any() else 1.0
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * float(scale))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("shape", list(TERMS_SHAPES))
+@pytest.mark.parametrize("loss, similarity", TERMS_CASES)
+def test_terms_match_plain(loss, similarity, shape, dtype):
+    """Both entry points, the class sweep in chunks of one class, two and all: the terms, the
+    regulariser and the gradients of x and the raw proxies under random upstream gradients of
+    both against the plain computation in fp64."""
+    n, c, k, kind = TERMS_SHAPES[shape]
+    k = 1 if loss in ONE_PROXY else k
+    spec = _spec(loss, c, k, similarity)
+    x64, y, w64 = _inputs(n, c, k, kind, torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    g = torch.randn(2, c if spec.column_wise else n, generator=gen, dtype=torch.float64)
+    g_reg = float(torch.randn((), generator=gen, dtype=torch.float64))
+    want = _plain_terms(F.normalize(x64, dim=1), F.normalize(w64, dim=1), y, spec)
+    want_reg = reference.proxy_regularizer(w64, k)
+    want_grads = {
+        "similarity_terms": torch.autograd.grad((g * want).sum(), [x64, w64], retain_graph=True),
+        "proxy_terms": torch.autograd.grad((g * want).sum() + g_reg * want_reg, [x64, w64]),
+    }
+    x, w = (t.detach().to(dtype).requires_grad_() for t in (x64, w64))
+    g_got = g.to(dtype)
+    k_gemm = 1 if similarity == "mean" else k
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}[dtype]
+    for classes in (1, 2, c):
+        budget = classes * n * k_gemm
+        terms, reg = torch_chunked.proxy_terms(F.normalize(x, dim=1), w, y, spec,
+                                               chunk_elements=budget)
+        assert terms.dtype == dtype and reg.dtype == dtype and reg.dim() == 0
+        _close(terms.detach(), want.detach(), tol)
+        _close(reg.detach(), want_reg.detach(), tol)
+        grads = torch.autograd.grad((g_got * terms).sum() + g_reg * reg, [x, w])
+        for got_grad, want_grad in zip(grads, want_grads["proxy_terms"]):
+            _close(got_grad, want_grad, tol)
+        terms = torch_chunked.similarity_terms(F.normalize(x, dim=1), F.normalize(w, dim=1), y,
+                                               spec, chunk_elements=budget)
+        _close(terms.detach(), want.detach(), tol)
+        grads = torch.autograd.grad((g_got * terms).sum(), [x, w])
+        for got_grad, want_grad in zip(grads, want_grads["similarity_terms"]):
+            _close(got_grad, want_grad, tol)
+
+
+@pytest.mark.parametrize("shape", ["odd", "k10_absent", "single_class"])
+@pytest.mark.parametrize("loss", list(LOSS_CLASSES))
+def test_reductions_through_the_front_end(loss, shape, monkeypatch):
+    """The loss modules with backend="torch" and reduction="none" (and "sum" for the row-wise
+    losses) equal the reference backend's, in value and in the gradients of the embeddings and
+    the proxies under random weights of the terms."""
+    n, c, k, kind = SHAPES[shape]
+    _chunk_classes(monkeypatch, 2, n, k)
+    x, y, _ = _inputs(n, c, k, kind, torch.float64)
+    kwargs = {} if loss in ONE_PROXY else dict(proxies_per_class=k)
+    weights = torch.randn(c if loss in ("mpa", "proxy_anchor") else n, dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(2))
+    for reduction in ("none",) if loss in ("mpa", "proxy_anchor") else ("none", "sum"):
+        results = []
+        for backend in ("torch", "reference"):
+            torch.manual_seed(0)
+            module = LOSS_CLASSES[loss](c, D, backend=backend, reduction=reduction,
+                                        dtype=torch.float64, **kwargs)
+            value = module(x, y)
+            objective = (weights * value).sum() if reduction == "none" else value
+            results.append((value.detach(), *torch.autograd.grad(objective,
+                                                                 [x, module.proxies])))
+        _assert_matches(results[0], results[1], 1e-12)
+
+
+def test_terms_double_backward_is_refused():
+    x, y, w = _inputs(9, 7, 3, "random", torch.float64)
+    terms, reg = torch_chunked.proxy_terms(F.normalize(x, dim=1), w, y,
+                                           LossSpec("mpa_dw", 7, 3, 32.0, 0.1))
+    with pytest.raises(RuntimeError, match="backend='torch'.*backend='reference'"):
+        torch.autograd.grad(terms.sum() + reg, [x, w], create_graph=True)

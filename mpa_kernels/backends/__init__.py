@@ -10,7 +10,12 @@ A backend is a module in this package that defines
   proxies (C*K, d); ``proxies``: raw proxies; ``spec``: the :class:`~mpa_kernels._spec.LossSpec`):
 
   - ``similarity_terms(x_hat, w_hat, labels, spec, **options) -> Tensor``: the similarity term
-    unreduced. Row-wise family: ``(N,)``, sample ``i``'s term (the loss is their mean).
+    unreduced. Row-wise family: ``(N,)``, sample ``i``'s term (the loss is their mean), or
+    ``(2, N)``: row 0 ``lse_i``, the log-sum-exp of the logits in sample ``i``'s log-sum-exp
+    without the implicit zero logit (``-inf`` if there are none), row 1 ``extra_i``, the positive
+    term outside it; the sample's term is ``extra_i + softplus(lse_i)`` for the losses with a zero
+    logit (MPA-DW, MPA-AP), else ``extra_i + lse_i``. Labels outside ``[0, C)`` are allowed there:
+    the row's class is not among these, every class is a negative and ``extra_i = 0``.
     Column-wise family: ``(2, C)``, row 0 the positive terms ``P_c`` (exactly 0 for a class with
     no sample in the batch), row 1 the negative terms ``N_c`` (the loss is
     ``sum_c P_c / |C+| + sum_c N_c / C``, ``C+`` the classes present in the batch). The front end

@@ -1,5 +1,10 @@
 """The ``"torch"`` backend: chunked, analytic forward and backward in plain PyTorch ops, for CPUs.
 
+Entry points: the scalar mean, :func:`proxy_loss` (raw proxies, regulariser included) and
+:func:`similarity_loss` (unit proxies), which the front end prefers for ``reduction="mean"``; and
+the unreduced terms of the backend contract, :func:`proxy_terms` (terms and the unscaled
+regulariser) and :func:`similarity_terms`, for the other reductions and class-parallel shards.
+
 The similarity tensor ``s = x_hat @ w_hat.T`` (N x C*K) is never materialised whole. Classes are
 swept in chunks of whole classes; per chunk one GEMM gives ``s`` for a block of samples, the
 intra-class reduction turns it into ``S`` (block x chunk) and leaves in its place the Jacobian
@@ -32,12 +37,25 @@ are formed when the chunk's gradient is complete, and the gradient is projected 
 normalisation there, in the one gradient buffer of the raw proxies. :func:`similarity_loss`
 (proxies already unit, no regulariser) is the same sweep without the normalisation.
 
+The terms (:func:`proxy_terms`, :func:`similarity_terms`): the same sweeps, written once for an
+upstream gradient of the terms, which the mean knows in its forward (the constants of its
+reduction) and the terms only get in their backward. Their forward is the sweep without gradients
+(one GEMM, and for the row-wise family no kept chunks); it keeps the ``O(N + C)`` terms and the
+positive logits, and the backward sweeps again with the upstream gradients, recomputing ``s``
+chunk by chunk: four GEMMs in all. Keeping the chunks from the forward instead would hold up to
+``ROW_BLOCK_BYTES`` across the caller's code between forward and backward, and for the column-wise
+family (whose gradient is not complete inside a chunk without its upstream gradient) the whole
+N x C*K Jacobian; the recomputation keeps the memory bound below. Labels outside ``[0, C)`` are
+accepted there (a class-parallel shard's samples of another shard's classes): such a sample has no
+positive and every class is its negative.
+
 Memory above the inputs and the gradients: the chunk buffers, two of ``chunk_elements`` elements
 (the default :data:`DEFAULT_CHUNK_ELEMENTS`; a chunk holds at least one class, so the bound is
 ``max(chunk_elements, N*K)``) and the chunk's unit proxies (``chunk_elements / N * K / k * d``
 elements, k the GEMMs' rows per class); a few block x chunk similarity-level tensors; ``O(N + C*K)``
-vectors; and, for the row-wise family with gradients, at most ``ROW_BLOCK_BYTES`` (48 MiB) kept
-between a block's two visits. Nothing of the proxies' size, and nothing of size C*K*K, is formed.
+vectors; and, for the row-wise family's mean with gradients, at most ``ROW_BLOCK_BYTES`` (48 MiB)
+kept between a block's two visits. Nothing of the proxies' size, and nothing of size C*K*K, is
+formed.
 """
 
 from __future__ import annotations
@@ -50,7 +68,7 @@ import torch.nn.functional as F
 
 from mpa_kernels._spec import LossSpec
 # The front end's constants, so that the fused normalisation and regulariser are the unfused ones.
-from mpa_kernels.functional import _NORM_EPS, _REGULARIZER_EPS
+from mpa_kernels.functional import _NORM_EPS, _REGULARIZER_EPS, reduce_terms
 
 LOW_PRECISION = False
 
@@ -97,17 +115,53 @@ def proxy_loss(
     return _loss(x_hat, proxies, labels, spec, tau, True, chunk_elements)
 
 
-def _loss(x_hat, w, labels, spec, tau, normalise, chunk_elements):
+def similarity_terms(
+    x_hat: torch.Tensor,
+    w_hat: torch.Tensor,
+    labels: torch.Tensor,
+    spec: LossSpec,
+    *,
+    chunk_elements: int | None = None,
+) -> torch.Tensor:
+    """The unreduced terms, (2, N) or (2, C) as the backend contract says, from unit proxies."""
+    return _terms(x_hat, w_hat, labels, spec, False, chunk_elements)[0]
+
+
+def proxy_terms(
+    x_hat: torch.Tensor,
+    proxies: torch.Tensor,
+    labels: torch.Tensor,
+    spec: LossSpec,
+    *,
+    chunk_elements: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unreduced terms from raw proxies (C*K, d), and eq. 3 unscaled (a 0-dim tensor)."""
+    return _terms(x_hat, proxies, labels, spec, True, chunk_elements)
+
+
+def _checked_budget(chunk_elements):
     if chunk_elements is None:
         chunk_elements = DEFAULT_CHUNK_ELEMENTS
     if isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int) or chunk_elements < 1:
         raise ValueError(f"chunk_elements must be a positive int, got {chunk_elements!r}")
+    return chunk_elements
+
+
+def _loss(x_hat, w, labels, spec, tau, normalise, chunk_elements):
+    chunk_elements = _checked_budget(chunk_elements)
     problem = _Problem.of(spec, tau, normalise)
     want = torch.is_grad_enabled()
     return _ChunkedProxyLoss.apply(
         x_hat, w, labels, problem, chunk_elements,
         want and x_hat.requires_grad, want and w.requires_grad,
     )
+
+
+def _terms(x_hat, w, labels, spec, normalise, chunk_elements):
+    chunk_elements = _checked_budget(chunk_elements)
+    # tau = 1: eq. 3 is returned unscaled (its weight arrives as its upstream gradient).
+    problem = _Problem.of(spec, 1.0 if normalise else 0.0, normalise)
+    return _ChunkedTerms.apply(x_hat, w, labels, problem, chunk_elements)
 
 
 @dataclass(frozen=True)
@@ -124,8 +178,9 @@ class _Problem:
     alpha: float
     delta: float
     gamma: float
-    tau: float  # weight of eq. 3; 0 where there is none to add (K == 1 included)
+    tau: float  # weight of eq. 3 in the loss; 0 where there is none to add (K == 1 included)
     normalise: bool  # the proxies are raw rows, to be scaled to unit norm
+    spec: LossSpec  # the loss as the front end describes it (for its reduction of the terms)
 
     @classmethod
     def of(cls, spec: LossSpec, tau: float, normalise: bool) -> "_Problem":
@@ -135,7 +190,8 @@ class _Problem:
         k_gemm = 1 if spec.similarity == "mean" else k
         similarity = spec.similarity if k_gemm > 1 else "identity"
         return cls(spec.loss, spec.column_wise, spec.num_classes, k, k_gemm, similarity,
-                   spec.alpha, spec.delta, spec.gamma, float(tau) if k > 1 else 0.0, normalise)
+                   spec.alpha, spec.delta, spec.gamma, float(tau) if k > 1 else 0.0, normalise,
+                   spec)
 
     @property
     def averaged(self) -> bool:
@@ -253,9 +309,9 @@ def _inverse_norms(w: torch.Tensor):
     return norm.clamp_min_(_NORM_EPS).reciprocal_(), unclamped
 
 
-def _regularizer(u3: torch.Tensor, problem: _Problem, want_grad: bool):
+def _regularizer(u3: torch.Tensor, problem: _Problem, weight: float | None):
     """Eq. 3's sum over the chunk's classes (a included) from their unit proxies u3 (m, K, d), and
-    with want_grad the matrix tau * G (m, K, K) of the derivation above."""
+    unless weight is None the matrix weight * G (m, K, K) of the derivation above."""
     k = problem.proxies_per_class
     sims = torch.bmm(u3, u3.transpose(1, 2))
     # 2 (1 - m) + eps, in that order: 2 + eps rounds to 2 in fp32, which would make the distance of
@@ -265,12 +321,12 @@ def _regularizer(u3: torch.Tensor, problem: _Problem, want_grad: bool):
     # The pairs t < s by a product with the mask, not a boolean index (a gather per chunk).
     upper = torch.ones(k, k, dtype=dist.dtype, device=u3.device).triu_(1)
     value = torch.tensordot(dist, upper, dims=([1, 2], [0, 1])).sum() * a
-    if not want_grad:
+    if weight is None:
         return value, None
     off_diagonal = ~torch.eye(k, dtype=torch.bool, device=u3.device)
     # A select, not a product with the mask: in fp32 the eps vanishes next to 2 and the
     # diagonal's distance is 0, its reciprocal inf.
-    g = torch.where((sims <= 1.0) & off_diagonal, dist.reciprocal_(), 0.0).mul_(-a * problem.tau)
+    g = torch.where((sims <= 1.0) & off_diagonal, dist.reciprocal_(), 0.0).mul_(-a * weight)
     return value, g
 
 
@@ -347,9 +403,10 @@ class _Proxies:
         else:
             du3.addcmul_(dwbar, factor)
 
-    def finish(self, chunk: _Chunk, du: torch.Tensor | None):
+    def finish(self, chunk: _Chunk, du: torch.Tensor | None, weight: float = 0.0):
         """The chunk's share of eq. 3 (0 without it) and, with du, its final gradient in place:
-        the regulariser's share and the projection through the normalisation."""
+        the regulariser's share, scaled by weight (tau in the loss, the regulariser's upstream
+        gradient in the terms), and the projection through the normalisation."""
         problem, kp = self.problem, self.problem.proxies_per_class
         if not problem.tau:
             if du is not None and chunk.inv is not None:
@@ -359,12 +416,12 @@ class _Proxies:
             return 0.0
         u = self.unit(chunk)
         u3 = u.view(-1, kp, u.shape[1])
-        value, g = _regularizer(u3, problem, du is not None)
+        value, g = _regularizer(u3, problem, weight if du is not None and weight else None)
         if du is not None:
             # inv G U, then the projection with u itself (not v inv): two proxies that coincide
             # get G's large entries along u, which the projection then removes exactly.
-            du3 = du.view(u3.shape)
-            du3.baddbmm_(g.mul_(chunk.inv.view(-1, kp, 1)), u3)
+            if g is not None:
+                du.view(u3.shape).baddbmm_(g.mul_(chunk.inv.view(-1, kp, 1)), u3)
             dot = torch.linalg.vecdot(u, du, dim=1).unsqueeze(1).mul_(chunk.unclamped)
             du.addcmul_(u, dot, value=-1.0)
         return value
@@ -471,24 +528,59 @@ def _proxy_rows(dw: torch.Tensor | None, chunk: _Chunk, problem: _Problem):
 
 # --- the two families ---------------------------------------------------------------------------
 #
+# Each family returns the unreduced terms of the backend contract, the positive logits q (N,) and
+# eq. 3's sum, and with a _Grads writes the gradients of sum(g * terms) + g_R * R for upstream
+# gradients g of the terms and g_R of R. The mean's path knows them in its forward (the constants
+# of its reduction); the terms' path gets them in its backward.
+#
+# A label outside [0, C) names a class that is not among these (a class-parallel shard): its row
+# has no positive, q_i = -inf (it drops out of every log-sum-exp, with a zero gradient), every
+# class is its negative, and the sort in _Block leaves it out of every chunk's positives.
+
+
+@dataclass
+class _Grads:
+    dx: torch.Tensor | None  # dL/dx_hat (N, d), accumulated; None if not wanted
+    dw: torch.Tensor | None  # dL/dproxies (C*K, d); None if not wanted
+    upstream: object  # the upstream gradient of the terms, in the family's form (see each)
+    reg_weight: float  # and that of eq. 3's sum
+
+
+def _label_index(labels, c):
+    """Which labels are among the C classes, and the labels clamped into [0, C) for gathers."""
+    return (labels >= 0) & (labels < c), labels.clamp(0, c - 1)
+
+
+def _positive_logits(x, w, valid, index, problem, reduction):
+    """q_i = sign alpha (S_iy - delta) (N,), -inf where y_i is not one of the C classes."""
+    s = _positive_similarity(x, w, index, problem, reduction)
+    q = (s - problem.delta) * (problem.positive_sign * problem.alpha)
+    return q.masked_fill_(~valid, float("-inf"))
+
+
 # Column-wise (MPA, eq. 6; ProxyAnchor): z_ic = alpha (S_ic + delta) over negatives,
 # q_i = -alpha (S_iy - delta) over positives, N_c = log(1 + sum_{i neg} e^z_ic),
-# P_c = log(1 + sum_{i: y_i = c} e^q_i), L = sum_{c in C+} P_c / |C+| + sum_c N_c / C.
-#   dL/dS_ic (negative) = (alpha / C) e^(z_ic - N_c)
-#   dL/dS_iy (positive) = -(alpha / |C+|) e^(q_i - P_y)
-# Both are final once the chunk holding class c has been seen: one sweep of all rows over the
-# classes writes the gradients as it goes, in three GEMMs.
+# P_c = log(1 + sum_{i: y_i = c} e^q_i). For upstream gradients g_P, g_N (C,) of the terms
+#   dL/dS_ic (negative) = alpha g_N_c e^(z_ic - N_c)
+#   dL/dS_iy (positive) = -alpha g_P_y e^(q_i - P_y)
+# (the mean: g_P = 1 / |C+|, g_N = 1 / C). Both are final once the chunk holding class c has been
+# seen: one sweep of all rows over the classes writes the gradients as it goes, in three GEMMs.
 
 
-def _column_wise(x, w, labels, problem, reduction, chunk_elements, dx, dw):
+def _column_wise(x, w, labels, problem, reduction, chunk_elements, grads=None, known=None):
+    """(P, N) (2, C), q and eq. 3's sum; grads.upstream is (g_P, g_N). known: the terms and q of
+    an earlier forward (q is reused; P, O(N) work, and N_c, inside the chunk, are recomputed)."""
     c = problem.num_classes
-    alpha, delta = problem.alpha, problem.delta
-    q = -alpha * (_positive_similarity(x, w, labels, problem, reduction) - delta)
+    alpha = problem.alpha
+    valid, index = _label_index(labels, c)
+    q = _positive_logits(x, w, valid, index, problem, reduction) if known is None else known[1]
     # P_c as a log-sum-exp with a zero logit, scattered by label: m_c = max(0, max q), then the sum.
-    m = q.new_zeros(c).scatter_reduce_(0, labels, q, "amax")
-    p = m.neg().exp_().index_add_(0, labels, (q - m[labels]).exp_()).log_().add_(m)
-    num_present = int(torch.count_nonzero(torch.bincount(labels, minlength=c)))
-    g_pos = (q - p[labels]).exp_().mul_(-alpha / num_present)
+    m = q.new_zeros(c).scatter_reduce_(0, index, q, "amax")
+    p = m.neg().exp_().index_add_(0, index, (q - m[index]).exp_()).log_().add_(m)
+    dw = grads.dw if grads is not None else None
+    if grads is not None:
+        g_p, g_n = grads.upstream
+        g_pos = (q - p[index]).exp_().mul_(g_p[index]).mul_(-alpha)
     per_chunk = _classes_per_chunk(chunk_elements, x.shape[0], problem, x.shape[1])
     proxies = _Proxies(w, problem, per_chunk)
     block = _Block(_scaled(x, reduction), labels, problem, reduction, proxies, per_chunk)
@@ -496,38 +588,44 @@ def _column_wise(x, w, labels, problem, reduction, chunk_elements, dx, dw):
     regularizer = []
     for j in range(len(block.starts)):
         visit = block.visit(j)
+        start, stop = visit.chunk.start, visit.chunk.stop
         zmax = visit.z.amax(0).clamp_min_(0.0)  # the zero logit takes part in the max
         ez = visit.z.sub_(zmax).exp_()
         n_c = ez.sum(0).add_(zmax.neg().exp_()).log_().add_(zmax)
-        negative[visit.chunk.start:visit.chunk.stop] = n_c
-        if dx is not None or dw is not None:
+        negative[start:stop] = n_c
+        if grads is not None:
             # e^(z - N_c) = ez e^(zmax - N_c); the positive entries of ez are 0, g_pos goes there.
-            g = ez.mul_(zmax.sub_(n_c).exp_().mul_(alpha / c))
+            g = ez.mul_(zmax.sub_(n_c).exp_().mul_(g_n[start:stop]).mul_(alpha))
             g.index_put_((visit.rows, visit.cols), g_pos[visit.rows])
-            block.write_grads(visit, g, x, dx, dw, first=True)
-        regularizer.append(proxies.finish(visit.chunk, _proxy_rows(dw, visit.chunk, problem)))
-    return p.sum() / num_present + negative.sum() / c + problem.tau * sum(regularizer)
+            block.write_grads(visit, g, x, grads.dx, dw, first=True)
+        regularizer.append(proxies.finish(visit.chunk, _proxy_rows(dw, visit.chunk, problem),
+                                          grads.reg_weight if grads is not None else 0.0))
+    return torch.stack([p, negative]), q, sum(regularizer)
 
 
 # Row-wise (MPA-DW eq. 12, MPA-AP eq. 16, SoftTriple eq. 2, ProxyNCA as SoftTriple):
 # z_ic = alpha (S_ic + delta_neg) over negatives, q_i = sign alpha (S_iy - delta) for the positive,
-# lse_i = log(sum of e^ over the base logits and the negatives), L = mean_i (lse_i + extra(q_i)).
-#   MPA-DW:     base {0},    extra softplus(q)     (softplus is the positive term of eq. 12)
-#   MPA-AP:     base {0, q}, extra 0
-#   SoftTriple: base {q},    extra -q              (cross-entropy)
-#   dL/dS_ic (negative) = (alpha / N) e^(z_ic - lse_i)
-#   dL/dS_iy (positive) = sign alpha / N * ([q in base] e^(q_i - lse_i) + extra'(q_i))
-# lse_i needs every class before any of row i's gradient exists. The rows are swept in blocks: a
-# block's chunks of classes are visited once for an online log-sum-exp, keeping their J and
-# logits, and then again for the gradients, from what was kept: three GEMMs. The blocks are as
-# large as ROW_BLOCK_BYTES allows (one block, all rows, where it holds them); where that would
-# make them thinner than MIN_BLOCK_ROWS, whose GEMMs run slower than a fourth GEMM costs, all
-# rows form one block that keeps nothing and recomputes each chunk on its second visit.
+# lse_i = log sum e^ over the negatives (and q_i where it is in the log-sum-exp), no zero logit,
+# and sample i's loss extra(q_i) + (softplus(lse_i) with a zero logit, else lse_i):
+#   MPA-DW:     zero logit,              extra softplus(q)   (the positive term of eq. 12)
+#   MPA-AP:     zero logit, q in the lse, extra 0
+#   SoftTriple: q in the lse,             extra -q            (cross-entropy)
+# For upstream gradients g_lse, g_extra (N,) of the terms
+#   dL/dS_ic (negative) = alpha g_lse_i e^(z_ic - lse_i)
+#   dL/dS_iy (positive) = sign alpha ([q in lse] g_lse_i e^(q_i - lse_i) + g_extra_i extra'(q_i))
+# (the mean: g_lse = sigmoid(lse) / N with a zero logit, else 1 / N; g_extra = 1 / N).
+# lse_i needs every class before any of row i's gradient exists. In the mean's forward the rows
+# are swept in blocks: a block's chunks of classes are visited once for an online log-sum-exp,
+# keeping their J and logits, and then again for the gradients, from what was kept: three GEMMs.
+# The blocks are as large as ROW_BLOCK_BYTES allows (one block, all rows, where it holds them);
+# where that would make them thinner than MIN_BLOCK_ROWS, whose GEMMs run slower than a fourth
+# GEMM costs, all rows form one block that keeps nothing and recomputes each chunk on its second
+# visit. The terms' backward has lse from its forward: one visit per chunk, which recomputes it.
 
 _SOFTPLUS_THRESHOLD = 20.0  # F.softplus's default
 
 _ROW_WISE = {
-    # loss: (zero logit in base, q in base)
+    # loss: (zero logit, q in the log-sum-exp)
     "mpa_dw": (True, False),
     "mpa_ap": (True, True),
     "soft_triple": (False, True),
@@ -561,14 +659,26 @@ def _row_blocks(n: int, problem: _Problem, reduction, itemsize: int) -> tuple[in
     return -(-n // blocks), True
 
 
-def _row_wise(x, w, labels, problem, reduction, chunk_elements, dx, dw):
+def _row_wise(x, w, labels, problem, reduction, chunk_elements, grads=None, known=None):
+    """(lse, extra) (2, N), q and eq. 3's sum; grads.upstream(lo, hi, lse_b) gives (g_lse,
+    g_extra) of rows [lo, hi). known: the terms and q of an earlier forward; the log-sum-exp
+    visits are then skipped and the gradients' visits recompute their chunks."""
     n, c, k = x.shape[0], problem.num_classes, problem.k
-    with_zero, with_q = _ROW_WISE[problem.loss]
-    q = problem.positive_sign * problem.alpha * (
-        _positive_similarity(x, w, labels, problem, reduction) - problem.delta)
-    extra, d_extra = _row_extra(problem.loss, q)
-    want_grads = dx is not None or dw is not None
-    rows, keep = _row_blocks(n, problem, reduction, x.element_size()) if want_grads else (n, False)
+    with_q = _ROW_WISE[problem.loss][1]
+    if known is None:
+        valid, index = _label_index(labels, c)
+        q = _positive_logits(x, w, valid, index, problem, reduction)
+        lse = q.new_empty(n)
+        extra, d_extra = _row_extra(problem.loss, q)
+        extra.masked_fill_(~valid, 0.0)  # SoftTriple's -q is +inf there
+    else:
+        (lse, extra), q = known
+        d_extra = _row_extra(problem.loss, q)[1]
+    # The running max's floor: a row may have no logit yet (a chunk may hold nothing but its
+    # positive, all -inf there), or none at all (MPA-DW with one class); e^(-inf - floor) = 0.
+    floor = torch.finfo(x.dtype).min
+    rows, keep = (_row_blocks(n, problem, reduction, x.element_size())
+                  if grads is not None and known is None else (n, False))
     # Chunks of as many classes as in the class sweep (a block's tiles are the smaller), so that the
     # proxies' side of a chunk stays bounded by the budget too.
     per_chunk = _classes_per_chunk(chunk_elements, n, problem, x.shape[1])
@@ -579,36 +689,37 @@ def _row_wise(x, w, labels, problem, reduction, chunk_elements, dx, dw):
         flat = x.new_empty(rows * c * k)
         store = [flat[s * k * rows:min(c, s + per_chunk) * k * rows] for s in starts]
     xs = _scaled(x, reduction)
-    lse = q.new_empty(n)
     regularizer = []
-    coef = problem.alpha / n
     for lo in range(0, n, rows):
         hi = min(n, lo + rows)
         block = _Block(xs[lo:hi], labels[lo:hi], problem, reduction, proxies, per_chunk, store)
         q_b = q[lo:hi]
-        # The online log-sum-exp starts from the base logits, so its running max is finite from
-        # the first chunk on (a chunk may hold nothing but a row's positive, all -inf there).
-        base = [q_b.new_zeros(q_b.shape)] * with_zero + [q_b] * with_q
-        run_max = torch.stack(base).amax(0)
-        run_sum = sum((b - run_max).exp_() for b in base)
         visits = []
-        for j in range(len(starts)):
-            visit = block.visit(j)
-            new_max = torch.maximum(run_max, visit.z.amax(1))
-            run_sum = run_sum.mul_(run_max.sub_(new_max).exp_()).add_(
-                torch.sub(visit.z, new_max.unsqueeze(1)).exp_().sum(1))
-            run_max = new_max
-            if keep:
-                visits.append(visit)
-            if not want_grads:
-                regularizer.append(proxies.finish(visit.chunk, None))
-        lse_b = run_sum.log_().add_(run_max)
-        lse[lo:hi] = lse_b
-        if not want_grads:
+        if known is None:
+            run_max = q_b.clamp_min(floor) if with_q else q_b.new_full(q_b.shape, floor)
+            run_sum = (q_b - run_max).exp_() if with_q else q_b.new_zeros(q_b.shape)
+            for j in range(len(starts)):
+                visit = block.visit(j)
+                new_max = torch.maximum(run_max, visit.z.amax(1))
+                run_sum = run_sum.mul_(run_max.sub_(new_max).exp_()).add_(
+                    torch.sub(visit.z, new_max.unsqueeze(1)).exp_().sum(1))
+                run_max = new_max
+                if keep:
+                    visits.append(visit)
+                if grads is None:
+                    regularizer.append(proxies.finish(visit.chunk, None))
+            lse[lo:hi] = run_sum.log_().add_(run_max)
+        if grads is None:
             continue
-        d_q = d_extra[lo:hi] + (q_b - lse_b).exp_() if with_q else d_extra[lo:hi]
-        g_pos = d_q.mul(problem.positive_sign * coef)
-        dx_b = dx[lo:hi] if dx is not None else None
+        lse_b = lse[lo:hi]
+        g_lse, g_extra = grads.upstream(lo, hi, lse_b)
+        norm = lse_b.clamp_min(floor)  # lse = -inf: a row without logits, e^(z - floor) = 0
+        d_q = d_extra[lo:hi] * g_extra
+        if with_q:
+            d_q += (q_b - norm).exp_() * g_lse
+        g_pos = d_q.mul_(problem.positive_sign * problem.alpha)
+        row_weight = (g_lse * problem.alpha).unsqueeze(1)
+        dx_b = grads.dx[lo:hi] if grads.dx is not None else None
         for j in range(len(starts)):
             if keep:
                 visit = visits[j]
@@ -616,44 +727,99 @@ def _row_wise(x, w, labels, problem, reduction, chunk_elements, dx, dw):
                     visit.chunk = proxies.chunk(visit.chunk.start, visit.chunk.stop)
             else:
                 visit = block.visit(j)
-            g = visit.z.sub_(lse_b.unsqueeze(1)).exp_().mul_(coef)
+            g = visit.z.sub_(norm.unsqueeze(1)).exp_().mul_(row_weight)
             g.index_put_((visit.rows, visit.cols), g_pos[visit.rows])
-            block.write_grads(visit, g, x[lo:hi], dx_b, dw, first=lo == 0)
+            block.write_grads(visit, g, x[lo:hi], dx_b, grads.dw, first=lo == 0)
             if hi == n:
-                regularizer.append(
-                    proxies.finish(visit.chunk, _proxy_rows(dw, visit.chunk, problem)))
+                regularizer.append(proxies.finish(
+                    visit.chunk, _proxy_rows(grads.dw, visit.chunk, problem), grads.reg_weight))
         del visits
-    return (lse + extra).mean() + problem.tau * sum(regularizer)
+    return torch.stack([lse, extra]), q, sum(regularizer)
+
+
+def _family(problem: _Problem):
+    return _column_wise if problem.column_wise else _row_wise
+
+
+def _mean_upstream(problem: _Problem, labels: torch.Tensor, like: torch.Tensor):
+    """The upstream gradient that the mean (reduce_terms) gives the terms, in the family's form."""
+    n, c = labels.shape[0], problem.num_classes
+    if problem.column_wise:
+        present = int(torch.count_nonzero(torch.bincount(labels, minlength=c)))
+        return like.new_full((c,), 1.0 / present), like.new_full((c,), 1.0 / c)
+    if _ROW_WISE[problem.loss][0]:  # d softplus(lse) / d lse
+        return lambda lo, hi, lse_b: (torch.sigmoid(lse_b).div_(n), 1.0 / n)
+    return lambda lo, hi, lse_b: (torch.full_like(lse_b, 1.0 / n), 1.0 / n)
+
+
+def _refuse_double_backward() -> None:
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "backend='torch' computes its gradients analytically and cannot differentiate "
+            "them again (create_graph=True, double backward); use backend='reference' for "
+            "higher-order gradients")
 
 
 class _ChunkedProxyLoss(torch.autograd.Function):
-    """The scalar loss from x_hat (N, d) and the proxies (C*K, d), raw or unit as the problem
-    says. Both families form the gradients during the forward (for a grad_output of 1) when they
-    are wanted; the backward scales them. Differentiable once: the gradients are numbers, not a
-    graph, so a double backward is refused."""
+    """The scalar loss (the mean) from x_hat (N, d) and the proxies (C*K, d), raw or unit as the
+    problem says. Both families form the gradients during the forward (for a grad_output of 1)
+    when they are wanted; the backward scales them. Differentiable once: the gradients are
+    numbers, not a graph, so a double backward is refused."""
 
     @staticmethod
     def forward(ctx, x, w, labels, problem, chunk_elements, want_dx, want_dw):
         reduction = _reduction(problem, x.dtype)
-        # Contiguous whatever the inputs' layouts: the chunks' gradients are views of these.
-        dx = torch.zeros(x.shape, dtype=x.dtype, device=x.device) if want_dx else None
-        dw = torch.empty(w.shape, dtype=w.dtype, device=w.device) if want_dw else None
-        family = _column_wise if problem.column_wise else _row_wise
-        loss = family(x, w, labels, problem, reduction, chunk_elements, dx, dw)
+        grads = dx = dw = None
+        if want_dx or want_dw:
+            # Contiguous whatever the inputs' layouts: the chunks' gradients are views of these.
+            dx = torch.zeros(x.shape, dtype=x.dtype, device=x.device) if want_dx else None
+            dw = torch.empty(w.shape, dtype=w.dtype, device=w.device) if want_dw else None
+            grads = _Grads(dx, dw, _mean_upstream(problem, labels, x), problem.tau)
+        terms, _, regularizer = _family(problem)(
+            x, w, labels, problem, reduction, chunk_elements, grads)
         # Saved (not kept on ctx) so that autograd frees them with the graph.
         ctx.save_for_backward(dx, dw)
-        return loss
+        return reduce_terms(terms, labels, problem.spec, "mean") + problem.tau * regularizer
 
     @staticmethod
     def backward(ctx, grad_output):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "backend='torch' computes its gradients analytically and cannot differentiate "
-                "them again (create_graph=True, double backward); use backend='reference' for "
-                "higher-order gradients")
+        _refuse_double_backward()
         dx, dw = ctx.saved_tensors
         scale = float(grad_output)
         if scale != 1.0:
             dx = dx * scale if dx is not None else None
             dw = dw * scale if dw is not None else None
         return dx, dw, None, None, None, None, None
+
+
+class _ChunkedTerms(torch.autograd.Function):
+    """The terms and eq. 3's sum (0-dim; 0 where there is none). The forward is the sweep without
+    gradients, one GEMM; the backward, once the upstream gradients are known, is the sweep with
+    them, recomputing s chunk by chunk: three GEMMs more. Kept in between: O(N + C) numbers (the
+    terms, q). Differentiable once, as the mean's path."""
+
+    @staticmethod
+    def forward(ctx, x, w, labels, problem, chunk_elements):
+        terms, q, regularizer = _family(problem)(
+            x, w, labels, problem, _reduction(problem, x.dtype), chunk_elements)
+        ctx.problem, ctx.chunk_elements = problem, chunk_elements
+        ctx.save_for_backward(x, w, labels, terms, q)
+        return terms, torch.as_tensor(regularizer, dtype=x.dtype, device=x.device)
+
+    @staticmethod
+    def backward(ctx, g_terms, g_regularizer):
+        _refuse_double_backward()
+        x, w, labels, terms, q = ctx.saved_tensors
+        problem = ctx.problem
+        want_dx, want_dw = ctx.needs_input_grad[:2]
+        dx = torch.zeros(x.shape, dtype=x.dtype, device=x.device) if want_dx else None
+        dw = torch.empty(w.shape, dtype=w.dtype, device=w.device) if want_dw else None
+        if problem.column_wise:
+            upstream = (g_terms[0], g_terms[1])
+        else:
+            def upstream(lo, hi, lse_b):
+                return g_terms[0, lo:hi], g_terms[1, lo:hi]
+        grads = _Grads(dx, dw, upstream, float(g_regularizer))
+        _family(problem)(x, w, labels, problem, _reduction(problem, x.dtype), ctx.chunk_elements,
+                         grads, (terms, q))
+        return dx, dw, None, None, None
