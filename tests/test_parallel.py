@@ -26,7 +26,7 @@ from mpa_kernels.parallel import (
     merge_full_state_dicts,
 )
 
-BACKENDS_UNDER_TEST = {"reference": (torch.float64, 1e-12)}
+BACKENDS_UNDER_TEST = {"reference": (torch.float64, 1e-12), "torch": (torch.float64, 1e-12)}
 WORLD_SIZES = (3, 2)  # 3 first: it writes the shards that the 2-rank run re-loads
 LOSSES = tuple(LOSS_CLASSES)
 D = 5
