@@ -1,5 +1,5 @@
 """Ladder step 3 of GUIDE.md: every kernel specialisation the library can launch compiles for sm_80
-and sm_90 without a GPU, fp32, fp16 and bf16.
+and sm_90 without a GPU, fp32, fp16 and bf16, and none of them spills registers to local memory.
 
 The compile runs in a subprocess because conftest.py sets ``TRITON_INTERPRET=1`` for this process,
 and under it ``@triton.jit`` returns interpreter objects. The launchers and the compile check share
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import mpa_kernels.functional as F
-from mpa_kernels.kernels import linear, similarity
+from mpa_kernels.kernels import compile_check, linear, similarity
 
 ROOT = Path(__file__).resolve().parents[1]
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
@@ -25,14 +25,43 @@ _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "
 
 @pytest.mark.slow
 @pytest.mark.parametrize("module", [similarity, linear], ids=["similarity", "linear"])
-def test_every_specialisation_compiles_for_sm80_and_sm90(module):
+def test_every_specialisation_compiles_for_sm80_and_sm90_without_spills(module):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    resources = compile_check.cuobjdump() is not None
     result = subprocess.run([sys.executable, "-m", "mpa_kernels.kernels.compile_check",
-                             "--module", module.__name__],
+                             "--module", module.__name__] + ["--resources"] * resources,
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-5000:]
     expected = 2 * len(module.SPECIALISATIONS)
     assert f"compiled {expected}/{expected}" in result.stdout
+    if not resources:
+        pytest.skip("no cuobjdump (Triton's NVIDIA backend ships one): register use not read")
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines()
+            if line.startswith("| _")]
+    assert len(rows) == expected
+    header = [h.strip() for h in compile_check.markdown_table([]).splitlines()[0].split("|")[1:-1]]
+    spilling = [row for row in rows if int(row[header.index("stack (B)")]) != 0]
+    assert not spilling, spilling
+    assert "0 resource problems" in result.stdout
+
+
+_CUOBJDUMP = """
+Resource usage:
+ Common:
+  GLOBAL:0
+ Function _backward_kernel:
+  REG:255 STACK:992 SHARED:1024 LOCAL:0 CONSTANT[0]:672 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+
+
+def test_resource_parse_and_occupancy():
+    assert compile_check.parse_resource_usage(_CUOBJDUMP) == [(255, 992, 1024)]
+    # 168 registers: 5376 per warp after rounding to 256, 12 warps, one block of 8.
+    assert compile_check.Resources(168, 0, 13312).blocks_per_sm(90, 8) == (1, "registers")
+    # 64 registers, 4 warps: 8 blocks by registers; 40 KiB + 1 KiB reserve: 4 on sm_80, 5 on sm_90.
+    assert compile_check.Resources(64, 0, 40 * 1024).blocks_per_sm(80, 4) == (4, "shared")
+    assert compile_check.Resources(64, 0, 40 * 1024).blocks_per_sm(90, 4) == (5, "shared")
+    assert compile_check.Resources(32, 0, 0).blocks_per_sm(90, 4) == (16, "warps")
 
 
 def record_launches(monkeypatch) -> list:

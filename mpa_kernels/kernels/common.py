@@ -37,6 +37,38 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from mpa_kernels.backends import triton_interpreting
+
+
+def _interpreter_scalar_index() -> None:
+    """Let the interpreter of older Tritons take runtime loop bounds under NumPy >= 2.4.
+
+    The interpreter holds a scalar (a runtime argument, ``tl.program_id``, anything computed from
+    them) as a NumPy array of shape (1,), and ``range(lo, hi)`` over such scalars calls the
+    tensor's ``__index__``. Up to Triton 3.6 that is ``int(array)``, which NumPy 2.4 refuses for
+    arrays with a dimension ("only 0-dimensional arrays can be converted to Python scalars"), so
+    every kernel with a loop failed; later Tritons index ``array.squeeze()``. The interpreter
+    installs its tensor methods at each launch, through ``_patch_lang_tensor``; this wraps that
+    function to install the squeezing ``__index__`` after the others (the same method newer
+    Tritons install, so there it changes nothing). Compiled kernels never see it.
+    """
+    from triton.runtime import interpreter
+
+    install = getattr(interpreter, "_patch_lang_tensor", None)
+    if install is None or getattr(install, "squeezes_index", False):
+        return
+
+    def install_then_fix_index(tensor, scope, *args, **kwargs):
+        install(tensor, scope, *args, **kwargs)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    install_then_fix_index.squeezes_index = True
+    interpreter._patch_lang_tensor = install_then_fix_index
+
+
+if triton_interpreting():
+    _interpreter_scalar_index()
+
 # Loss kinds, as kernels see them. ProxyAnchor is MPA with K = 1; ProxyNCA arrives in SoftTriple's
 # form (cross-entropy over alpha * S, delta = 0, K = 1), see mpa_kernels/_spec.py.
 LOSS_MPA = tl.constexpr(0)  # column-wise: one LSE per class over its positives, one over negatives

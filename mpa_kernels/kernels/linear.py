@@ -12,8 +12,40 @@ A tile is ``BLOCK_M`` samples by ``BLOCK_C * KP`` proxy columns: ``BLOCK_C`` who
 with its ``K`` proxies padded to ``KP`` (the next power of two, masked), so the intra-class
 reduction over K happens inside one tile with a reshape to (BLOCK_M, BLOCK_C, KP). Padding costs
 ``KP / K`` extra dot work (none for K in {1, 2, 4}; 60 % for K = 10). ``d`` is looped over in
-``BLOCK_D`` chunks with masking, so no size has to be a multiple of a tile. GPU tiles: 128 x 128
-forward, 64 x 64 backward.
+``BLOCK_D`` chunks with masking, so no size has to be a multiple of a tile.
+
+Tiles and registers
+-------------------
+The tile choice is a register budget: an fp32 tile of ``BLOCK_M x columns`` spread over
+``32 * warps`` threads costs ``BLOCK_M * columns / (32 * warps)`` registers per thread for each
+copy that is live at once, and a thread has 255. Past that ptxas spills to local memory, and a
+GEMM-bound loop that spills runs at a fraction of the tensor cores' rate. What is live at once:
+
+* forward: the dot accumulator ``s``, the softmax weights ``q`` (and their exponentials) over the
+  ``[BLOCK_M, BLOCK_C, KP]`` view, the logits ``z`` and the online LSE's exponentials, plus the
+  operand fragments of the next ``tl.dot``: about four tiles. 128 x 64 on 8 warps is 32 registers a
+  tile (~130 with four of them); 128 x 128 was 64 a tile, which no warp count below 16 keeps
+  under 255, and it spilled 0.1-0.8 KiB per thread. 128 x 64 halves the tile but keeps 43 MACs
+  per loaded operand element (128 x 128: 64), so the d loop still feeds the tensor cores from L2.
+* backward: the recomputed ``s``, ``q``, ``dS`` and ``ds`` (the latter in the input dtype, as the
+  operand of both gradient products) stay live through the inner d loop, which adds two
+  ``64 x BLOCK_D`` fp32 products and their operands. 64 x 64 on 8 warps is 16 registers a tile
+  (64 x 64 on 4 warps was 32 and spilled ~1 KiB per thread); it stays square, as both owner
+  sides need (``BLOCK_M = BLOCK_C * KP``).
+* ``BLOCK_D`` (the d chunk, the dot's reduction depth): 32 for fp16/bf16 and 16 for fp32, 64
+  bytes of a row per load either way. An fp32 ``ieee`` dot runs on FMA units, not tensor cores,
+  and holds its operand slices in registers in proportion to ``BLOCK_D`` (64 x 64 x 32 spilled,
+  64 x 64 x 16 does not). That path takes 64 x 64 forward tiles and one stage (no second buffer
+  for the next d chunk): it is bound by its FMAs (256 per thread per chunk), not by the loads a
+  second buffer would hide, and with that buffer the ptxas of Triton 3.6 held it to 128
+  registers and spilled. fp32 with TF32 runs on the tensor cores and takes the 16-bit forward
+  tile, 128 x 64.
+
+``python -m mpa_kernels.kernels.compile_check --resources`` prints registers, stack, shared memory
+and occupancy for every variant on sm_80 and sm_90 and fails on any stack; the tests run it.
+Registers bound every variant to one block of 8 warps per SM (two for the fp32 ``ieee``
+forward), which leaves latency hiding to the warps of that block and to the loads of the next d
+chunk.
 
 * Row-wise family (MPA-DW, MPA-AP, SoftTriple, ProxyNCA): grid (row tiles, splits of the class
   tiles). Each program runs an online log-sum-exp over its classes and writes one partial LSE per
@@ -412,17 +444,20 @@ _BACKWARD_ARGS = (
 KINDS = ("forward", "backward")
 
 
-def _tiles(kind: str, dtype: torch.dtype, interpret: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, columns, BLOCK_D, warps). On a GPU: 128 x 128 forward, 64 x 64 backward (it
-    also holds q, dS and ds), d chunks of 64 (32 for fp32, for sm_80's shared memory at the
-    default 3 stages). Under the interpreter, 32-wide tiles: the small test shapes then span
-    several tiles and splits, so the masking and the loops are exercised, and it stays quick."""
+def _tiles(kind: str, dtype: torch.dtype, precision: str,
+           interpret: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, columns, BLOCK_D, warps, stages); the module docstring's "Tiles and registers"
+    says why. Under the interpreter, 32-wide tiles: the small test shapes then span several tiles
+    and splits, so the masking and the loops are exercised, and it stays quick."""
     if interpret:
-        return 32, 32, 32, 4
-    block_d = 32 if dtype == torch.float32 else 64
-    if kind == "forward":
-        return 128, 128, block_d, 8
-    return 64, 64, block_d, 4
+        return 32, 32, 32, 4, 3
+    if kind == "backward":
+        return 64, 64, (32 if dtype != torch.float32 else 16), 8, 3
+    if dtype != torch.float32:
+        return 128, 64, 32, 8, 3
+    if precision == "tf32":
+        return 128, 64, 16, 8, 3
+    return 64, 64, 16, 8, 1
 
 
 def specialisation(kind: str, loss: str, proxies_per_class: int, dtype: torch.dtype,
@@ -439,9 +474,9 @@ def specialisation(kind: str, loss: str, proxies_per_class: int, dtype: torch.dt
         raise TypeError(f"the triton-linear kernels take fp32, fp16 or bf16 inputs, got {dtype}")
     interpret = triton_interpreting() if interpret is None else interpret
     kp = triton.next_power_of_2(proxies_per_class)
-    block_m, columns, block_d, warps = _tiles(kind, dtype, interpret)
-    code = LOSS_CODES[loss]
     precision = "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"
+    block_m, columns, block_d, warps, stages = _tiles(kind, dtype, precision, interpret)
+    code = LOSS_CODES[loss]
     constexprs = (("KP", kp),)
     if kind == "forward":
         kernel = _column_forward_kernel if code == LOSS_MPA.value else _row_forward_kernel
@@ -452,7 +487,7 @@ def specialisation(kind: str, loss: str, proxies_per_class: int, dtype: torch.dt
                    ("BLOCK_D", block_d), ("PRECISION", precision))
     name = f"{kernel.__name__}[KP={kp},{_TRITON_DTYPES[dtype]},{precision}]"
     arg_types = tuple((arg, t.replace("S", _TRITON_DTYPES[dtype])) for arg, t in args)
-    return Specialisation(name, kernel, arg_types, constexprs, warps)
+    return Specialisation(name, kernel, arg_types, constexprs, warps, stages)
 
 
 def _enumerate_specialisations() -> tuple:

@@ -62,7 +62,9 @@ __all__ = [
 
 # Tiles hold BLOCK_N rows x TILE_COLUMNS padded proxy columns (BLOCK_C classes x K_PAD proxies):
 # 2048 values, 8 per thread with 8 warps. More per thread buys little for a memory-bound pass and
-# costs compile time (LLVM time grows with the unrolled per-thread code).
+# costs compile time (LLVM time grows with the unrolled per-thread code). With the temporaries of
+# the softmax over K and of the log-sum-exps that is 100-130 registers a thread, no stack, for
+# every variant (compile_check --resources).
 BLOCK_N = 16
 TILE_COLUMNS = 128
 NUM_WARPS = 8
@@ -120,7 +122,12 @@ def _row_forward_kernel(s_ptr, labels_ptr, part_ptr, N, C, K, blocks_per_split,
             s_ptr, labels, rows, cls, N, C, K, alpha, delta, inv_gamma, sim, LOSS, K_PAD)
         if LOSS == LOSS_MPA_DW:
             m, l = online_lse_update(m, l, z, pair_ok & ~is_pos, 1)
-            positive += tl.sum(tl.where(pair_ok & is_pos, softplus(z), 0.0), axis=1)
+            # A row has one positive class in the whole sweep: pick its logit out of the tile,
+            # then one softplus per row, not one per tile element (which also kept the tile's
+            # softplus live beside the LSE's exponentials, past the register budget).
+            hit = pair_ok & is_pos
+            z_pos = tl.sum(tl.where(hit, z, 0.0), axis=1)
+            positive += tl.where(tl.max(hit.to(tl.int32), axis=1) > 0, softplus(z_pos), 0.0)
         else:
             m, l = online_lse_update(m, l, z, pair_ok, 1)
             if LOSS == LOSS_SOFT_TRIPLE:
@@ -292,12 +299,17 @@ class Specialisation:
     arg_types: tuple  # ((name, triton type), ...) of the runtime arguments, in order
     constexprs: tuple  # ((name, value), ...)
     num_warps: int
+    num_stages: int = 3  # software-pipelining depth of the loops over tl.dot (Triton's default)
 
     def signature(self) -> dict:
         """Triton's signature dict: runtime argument types, then ``"constexpr"`` for the rest."""
         sig = dict(self.arg_types)
         sig.update({name: "constexpr" for name, _ in self.constexprs})
         return sig
+
+    def options(self) -> tuple:
+        """The compile options besides the constexprs, as ``(name, value)`` pairs."""
+        return ("num_warps", self.num_warps), ("num_stages", self.num_stages)
 
     def launch(self, grid, *args) -> None:
         """Launch on the device of the tensor arguments (Triton launches on the current one)."""
@@ -306,7 +318,7 @@ class Specialisation:
                 f"{self.name}: expected {len(self.arg_types)} arguments, got {len(args)}")
         device = next(a.device for a in args if isinstance(a, torch.Tensor))
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-            self.kernel[grid](*args, **dict(self.constexprs), num_warps=self.num_warps)
+            self.kernel[grid](*args, **dict(self.constexprs), **dict(self.options()))
 
 
 def _k_pad(proxies_per_class: int) -> int:
