@@ -97,5 +97,5 @@ def test_launched_specialisations_are_the_checked_ones(monkeypatch, loss, k, dty
     x = torch.randn(5, 8, dtype=dtype, requires_grad=True)
     w = torch.randn(3 * k, 8, dtype=dtype, requires_grad=True)
     fn(x, torch.tensor([0, 1, 2, 1, 0]), w, proxies_per_class=k, backend="triton").backward()
-    assert len(launched) == 3  # forward, finalize, backward
+    assert len(launched) == 3  # forward, merge, backward
     assert set(launched) <= {spec.name for spec in similarity.SPECIALISATIONS}

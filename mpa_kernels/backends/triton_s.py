@@ -1,8 +1,8 @@
 """The ``"triton"`` backend: torch computes ``s = x_hat @ w_hat.T``, Triton kernels do the rest.
 
 The loss kernels (:mod:`mpa_kernels.kernels.similarity`) read ``s`` once forward and once backward
-and write ``ds`` once; they return the unreduced terms of the contract in :mod:`mpa_kernels.backends`
-(so every reduction; the front end reduces them). Autograd takes ``ds`` through the GEMM
+and write ``ds`` once; they return the unreduced terms of the contract in
+:mod:`mpa_kernels.backends` (so every reduction; the front end reduces them). Autograd takes ``ds`` through the GEMM
 (``dx = ds @ w``, ``dw = ds^T @ x``) and the normalisation. fp16 and bf16 inputs keep their dtype
 for the GEMMs and for ``s``/``ds``; the kernels accumulate in fp32 and return fp32 terms. fp64
 inputs are computed in fp32 (the kernels have no fp64 path; fp64 is for checking, not speed) and

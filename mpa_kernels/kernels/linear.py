@@ -47,12 +47,17 @@ Registers bound every variant to one block of 8 warps per SM (two for the fp32 `
 forward), which leaves latency hiding to the warps of that block and to the loads of the next d
 chunk.
 
+The forward returns the terms of the backends' contract (:mod:`mpa_kernels.backends`; the front
+end reduces them), the backward takes their gradient:
+
 * Row-wise family (MPA-DW, MPA-AP, SoftTriple, ProxyNCA): grid (row tiles, splits of the class
-  tiles). Each program runs an online log-sum-exp over its classes and writes one partial LSE per
-  row and split (and the positive's class similarity); the host merges the splits and the
-  implicit zero logit with ``torch.logsumexp``. Splits exist only to fill the GPU when N is small.
+  tiles). Each program runs an online log-sum-exp over its classes and writes, per row and split,
+  the partial LSE (no zero logit) and the positive term outside it (MPA-DW's softplus,
+  SoftTriple's ``-z_iy``); :func:`mpa_kernels.kernels.launch.merge_splits` (one small launch,
+  shared with the kernels over s) merges them into ``(lse, extra)``. Splits exist only to fill the
+  GPU when N is small.
 * Column-wise family (MPA, ProxyAnchor): grid (class tiles, splits of the row tiles); two online
-  LSEs per class (positives, negatives), merged the same way.
+  LSEs per class (positives, negatives), merged the same way into ``(P, N)``, zero logit added.
 * Backward: one kernel, :func:`_backward_kernel`, whose program *owns* a class tile (accumulates
   dw_hat for it, looping over row tiles) or a row tile (dx_hat, looping over class tiles). The
   owned block is read-modified-written in a private fp32 partial buffer, ``d`` chunk by chunk, so
@@ -64,14 +69,14 @@ chunk.
 
 The loss, the similarity mode, the owner side and the atomics are runtime switches (uniform
 branches, free next to the dots); only the dtype, TF32, KP and the family's forward kernel are
-compiled variants: :data:`SPECIALISATIONS` lists all 60, and the compile check
-(:mod:`.compile_check`) builds each for sm_80 and sm_90.
+compiled variants: :data:`SPECIALISATIONS` lists all 60 and the 2 of the merge, and the compile
+check (:mod:`.compile_check`) builds each for sm_80 and sm_90.
 
-Options (keyword arguments of :func:`fused_linear_loss`)
---------------------------------------------------------
+Options (keyword arguments of :func:`fused_linear_terms`)
+---------------------------------------------------------
 * ``deterministic`` (default: ``torch.are_deterministic_algorithms_enabled()``): no
   order-dependent atomics; results are bitwise reproducible run to run (the split partials are
-  summed by torch in a fixed order). Cost: the backward recomputes s twice, once per owner side, so
+  merged in a fixed order). Cost: the backward recomputes s twice, once per owner side, so
   forward + backward does 5 GEMM-equivalents instead of 4 (+25 % of the matmul work), plus one
   fp32 partial buffer of ``splits x N x d`` (at most ``SPLIT_SCRATCH_BYTES``). The forward is
   deterministic in both modes (it has no atomics).
@@ -89,34 +94,7 @@ Options (keyword arguments of :func:`fused_linear_loss`)
   skipped classes, and one of dw_hat by at most that times the number of skipped samples. The
   tests check this bound.
 
-  Measured effect (interpreter, fp32, N=64, C=1024, K=2, d=128, 32 x 32 tiles, softmax
-  similarity, embeddings near their class's proxies with classes in groups of 8 related ones, as
-  ``tests/test_triton_linear.py::_clustered`` makes them; alpha=32, delta=0.1 (SoftTriple 20,
-  0.01); "skipped" is the share of backward tiles skipped; errors are max |filtered - exact| over
-  max |exact| per gradient; the loss was bitwise unchanged in every run):
-
-  ===========  ======  =======  ===========  ===========
-  loss         eps     skipped  dx_hat err.  dw_hat err.
-  ===========  ======  =======  ===========  ===========
-  MPA-DW       1e-5    35 %     2.9e-5       1.2e-5
-  MPA-DW       1e-4    58 %     1.5e-4       8.3e-5
-  MPA-DW       1e-3    60 %     5.0e-4       3.9e-4
-  MPA-DW       1e-2    60 %     5.0e-4       3.9e-4
-  MPA-AP       1e-5    35 %     2.9e-5       1.2e-5
-  MPA-AP       1e-3    60 %     5.0e-4       3.9e-4
-  SoftTriple   1e-5    55 %     9.8e-4       1.3e-4
-  SoftTriple   1e-4    60 %     1.2e-3       3.8e-4
-  SoftTriple   1e-3    60 %     1.2e-3       3.8e-4
-  SoftTriple   1e-2    68 %     1.5e-1       1.6e-1
-  MPA          1e-3    0 %      0            0
-  MPA          1e-2    0.8 %    8.0e-3       8.0e-2
-  ===========  ======  =======  ===========  ===========
-
-  The 60 % plateau is the share of tiles without a hard negative (their weights are all below
-  1e-5); what remains are tiles with one, which no small eps skips. SoftTriple at 1e-2 starts
-  dropping hard negatives' weights too, hence its error.
-
-  Reading: the filter pays where the class softmax of a sample is peaked (a few hard negatives,
+  The filter pays where the class softmax of a sample is peaked (a few hard negatives,
   many far classes, large C), as in language-model heads. With proxies and alpha = 32 the
   weights of far classes are ~e^(alpha (S_far - S_hard)), tiny only when the similarity gap is
   large; MPA's class-wise LSE runs over the N samples of a batch, whose weights are ~1/N, so it
@@ -125,7 +103,8 @@ Options (keyword arguments of :func:`fused_linear_loss`)
 * ``allow_tf32`` (default: ``torch.backends.cuda.matmul.allow_tf32``): fp32 inputs use TF32
   tensor cores in ``tl.dot``. fp16/bf16 inputs always use their tensor cores; the class-level
   gradients are rounded to the input dtype for the gradient products (as flash-attention does),
-  after factoring the global scale (g/N or g/|C+|) out so that fp16 does not underflow.
+  after factoring the largest coefficient of the terms' gradient out (g/N or g/|C+| for the
+  mean) so that fp16 does not underflow.
 
 GPU cost model (not yet measured: no GPU was available when this was written)
 -----------------------------------------------------------------------------
@@ -531,7 +510,7 @@ SPECIALISATIONS = _enumerate_specialisations()
 
 @dataclass(frozen=True)
 class Options:
-    """The knobs of :func:`fused_linear_loss`, resolved (no ``None`` left)."""
+    """The knobs of :func:`fused_linear_terms`, resolved (no ``None`` left)."""
 
     deterministic: bool
     filter_eps: float

@@ -4,8 +4,9 @@ backward pass for every loss.
 The GEMMs stay with torch (cuBLAS); these kernels do everything between them. ``s`` is read once by
 the forward pass, which writes only the per-row or per-class terms of the backends' contract
 (:mod:`mpa_kernels.backends`; the front end reduces them to the loss), and once more by the
-backward pass, which takes the terms' gradient and writes ``ds`` once. The intra-class reduction over the K proxies,
-margins, ``alpha`` and the log-sum-exps stay in registers, in fp32 whatever the input dtype.
+backward pass, which takes the terms' gradient and writes ``ds`` once. The intra-class reduction
+over the K proxies, margins, ``alpha`` and the log-sum-exps stay in registers, in fp32 whatever
+the input dtype.
 
 Kernels follow the two families of GUIDE.md:
 
@@ -109,7 +110,9 @@ def _row_forward_kernel(s_ptr, labels_ptr, part_ptr, N, C, K, blocks_per_split,
     logits that enter row ``i``'s LSE and the partial sum of its positive-pair term.
 
     ``part`` is ``[2, splits, N]`` fp32: ``[0]`` the partial LSE (no zero logit, ``-inf`` if
-    empty), ``[1]`` the positive term outside it (0 when ``y_i`` is not among the classes): ``softplus(z_iy)`` for MPA-DW, ``-z_iy`` for SoftTriple's cross-entropy, 0 for MPA-AP (its positive is inside).
+    empty), ``[1]`` the positive term outside it (0 when ``y_i`` is not among the classes):
+    ``softplus(z_iy)`` for MPA-DW, ``-z_iy`` for SoftTriple's cross-entropy, 0 for MPA-AP (its
+    positive is inside).
     """
     split = tl.program_id(1)
     splits = tl.num_programs(1)
@@ -179,7 +182,8 @@ def _column_forward_kernel(s_ptr, labels_ptr, part_ptr, N, C, K, blocks_per_spli
 # a group of one with the zero logit), and dG/dz_j = e^(z_j - G) for a member j, whether or not
 # G has the zero logit. Given the upstream gradient g = dL/dterms ([2, N] or [2, C]):
 #   row-wise   members of row i's LSE:   dz_ic = g_lse_i e^(z_ic - lse_i)
-#              MPA-DW's positive:        dz_iy = g_extra_i e^(z_iy - extra_i) = g_extra_i sigmoid(z_iy)
+#              MPA-DW's positive:        dz_iy = g_extra_i e^(z_iy - extra_i)
+#                                              = g_extra_i sigmoid(z_iy)
 #                                        (extra_i = softplus(z_iy), read back from the terms)
 #              SoftTriple's positive:    extra_i = -z_iy adds -g_extra_i to its LSE member's dz
 #              MPA-AP:                   extra_i = 0, no gradient
