@@ -142,6 +142,7 @@ from mpa_kernels.kernels.common import (
     lse_finalize,
     online_lse_update,
     softplus,
+    terms_vjp,
 )
 from mpa_kernels.kernels.launch import (
     MERGE_SPECIALISATIONS,
@@ -310,36 +311,13 @@ def _column_forward_kernel(
 
 # Class-level gradients dL/dS of a tile from the terms (saved by the forward) and their gradient g,
 # the latter divided by ``unit`` = max |g| (the host multiplies the result back, so that fp16
-# never sees g/N-sized values). With common's logits z = alpha (sign S + offset), dz/dS =
-# alpha sign, and every term is a log-sum-exp G over a group of logits, dG/dz_j = e^(z_j - G)
-# for a member j (with or without the zero logit):
-#   row-wise, members of row i's LSE (``include``):  g_lse_i e^(z_ic - lse_i)
-#     MPA-DW's positive, extra_i = softplus(z_iy):    g_extra_i e^(z_iy - extra_i)
-#                                                     = g_extra_i sigmoid(z_iy)
-#     SoftTriple's positive, extra_i = -z_iy:         -g_extra_i on top of its LSE term
-#     MPA-AP: extra_i = 0, nothing
-#   column-wise, positives of class c:  g_P_c e^(z_ic - P_c); negatives: g_N_c e^(z_ic - N_c)
-# A row whose label is no class has no positive pair. Groups are picked with tl.where, never by
-# multiplying with a mask: for a non-member z - G may be +inf (an empty row LSE is -inf).
+# never sees g/N-sized values): dL/dz from common.terms_vjp (its derivation is written there,
+# shared with the kernels over s), and dz/dS = alpha sign (common.loss_logits).
 @triton.jit
 def _class_grad(S, cls, rows, labels, row_mask, N, C, terms_ptr, grad_ptr, alpha, delta, loss):
     z, sign, pos, valid, include = _tile_logits(S, cls, labels, row_mask, C, alpha, delta, loss)
-    if loss == LOSS_MPA:
-        cls_mask = cls < C
-        g_pos = tl.load(grad_ptr + cls, mask=cls_mask, other=0.0)[None, :]
-        g_neg = tl.load(grad_ptr + C + cls, mask=cls_mask, other=0.0)[None, :]
-        lse_pos = tl.load(terms_ptr + cls, mask=cls_mask, other=0.0)[None, :]
-        lse_neg = tl.load(terms_ptr + C + cls, mask=cls_mask, other=0.0)[None, :]
-        dz = tl.where(pos, g_pos * tl.exp(z - lse_pos), g_neg * tl.exp(z - lse_neg))
-    else:
-        g_lse = tl.load(grad_ptr + rows, mask=row_mask, other=0.0)[:, None]
-        g_extra = tl.load(grad_ptr + N + rows, mask=row_mask, other=0.0)[:, None]
-        lse = tl.load(terms_ptr + rows, mask=row_mask, other=0.0)[:, None]
-        extra = tl.load(terms_ptr + N + rows, mask=row_mask, other=0.0)[:, None]
-        dz = tl.where(include, g_lse * tl.exp(z - lse), 0.0)
-        # Full tiles: both branches of a runtime switch must give the same shapes.
-        dz = tl.where(pos & (loss == LOSS_MPA_DW), g_extra * tl.exp(z - extra), dz)
-        dz = tl.where(pos & (loss == LOSS_SOFT_TRIPLE), dz - g_extra, dz)
+    dz = terms_vjp(z, pos, include, rows, row_mask, cls, cls < C, N, C, terms_ptr, grad_ptr,
+                   loss)
     return tl.where(valid, alpha * sign * dz, 0.0)
 
 

@@ -47,6 +47,7 @@ from mpa_kernels.kernels.common import (
     lse_finalize,
     online_lse_update,
     softplus,
+    terms_vjp,
 )
 from mpa_kernels.kernels.launch import (
     TRITON_DTYPES,
@@ -177,22 +178,10 @@ def _column_forward_kernel(s_ptr, labels_ptr, part_ptr, N, C, K, blocks_per_spli
     tl.store(out + splits * C, lse_finalize(m_neg, l_neg), mask=cls < C)
 
 
-# Gradient of the terms. Each term is a log-sum-exp G over a group of logits z (the row's LSE
-# without the zero logit; P_c and N_c with it; MPA-DW's positive softplus(z_iy) = log(1 + e^z_iy),
-# a group of one with the zero logit), and dG/dz_j = e^(z_j - G) for a member j, whether or not
-# G has the zero logit. Given the upstream gradient g = dL/dterms ([2, N] or [2, C]):
-#   row-wise   members of row i's LSE:   dz_ic = g_lse_i e^(z_ic - lse_i)
-#              MPA-DW's positive:        dz_iy = g_extra_i e^(z_iy - extra_i)
-#                                              = g_extra_i sigmoid(z_iy)
-#                                        (extra_i = softplus(z_iy), read back from the terms)
-#              SoftTriple's positive:    extra_i = -z_iy adds -g_extra_i to its LSE member's dz
-#              MPA-AP:                   extra_i = 0, no gradient
-#   column-wise positives of class c:    dz_ic = g_P_c e^(z_ic - P_c)
-#              negatives:                dz_ic = g_N_c e^(z_ic - N_c)
-# A row whose label is no class has no positive pair, so only its LSE members carry a gradient.
-# Then dL/dS_ic = alpha * sign_ic * dz_ic (common.loss_logits) and ds = dS/ds * dL/dS
-# (common.class_similarity_vjp). The group's G and coefficient are picked with tl.where, never
-# multiplied by a mask: for a non-member z - G may be +inf (lse_i = -inf).
+# Gradient: dL/dz of every pair from the terms and their gradient is common.terms_vjp (its
+# derivation is written there, shared with the fused-linear backward); then
+# dL/dS_ic = alpha * sign_ic * dL/dz_ic (common.loss_logits) and ds = dS/ds * dL/dS
+# (common.class_similarity_vjp). Every tile is independent once the terms are known.
 @triton.jit
 def _backward_kernel(s_ptr, ds_ptr, labels_ptr, terms_ptr, grad_ptr, N, C, K,
                      alpha, delta, inv_gamma, sim,
@@ -205,25 +194,13 @@ def _backward_kernel(s_ptr, ds_ptr, labels_ptr, terms_ptr, grad_ptr, N, C, K,
     labels = tl.load(labels_ptr + rows, mask=rows < N, other=-1)
     s, offs, mask, q, S, z, sign, is_pos, pair_ok = _logit_tile(
         s_ptr, labels, rows, cls, N, C, K, alpha, delta, inv_gamma, sim, LOSS, K_PAD)
-    if LOSS == LOSS_MPA:
-        cls_ok = cls < C
-        g_pos = tl.load(grad_ptr + cls, mask=cls_ok, other=0.0)[None, :]
-        g_neg = tl.load(grad_ptr + C + cls, mask=cls_ok, other=0.0)[None, :]
-        lse_pos = tl.load(terms_ptr + cls, mask=cls_ok, other=0.0)[None, :]
-        lse_neg = tl.load(terms_ptr + C + cls, mask=cls_ok, other=0.0)[None, :]
-        dz = tl.where(is_pos, g_pos * tl.exp(z - lse_pos), g_neg * tl.exp(z - lse_neg))
+    # MPA-DW's log-sum-exp runs over the negatives; the others' over every class.
+    if LOSS == LOSS_MPA_DW:
+        include = pair_ok & ~is_pos
     else:
-        row_ok = rows < N
-        g_lse = tl.load(grad_ptr + rows, mask=row_ok, other=0.0)[:, None]
-        g_extra = tl.load(grad_ptr + N + rows, mask=row_ok, other=0.0)[:, None]
-        lse = tl.load(terms_ptr + rows, mask=row_ok, other=0.0)[:, None]
-        if LOSS == LOSS_MPA_DW:
-            extra = tl.load(terms_ptr + N + rows, mask=row_ok, other=0.0)[:, None]
-            dz = tl.where(is_pos, g_extra * tl.exp(z - extra), g_lse * tl.exp(z - lse))
-        else:
-            dz = g_lse * tl.exp(z - lse)
-            if LOSS == LOSS_SOFT_TRIPLE:
-                dz = tl.where(is_pos, dz - g_extra, dz)
+        include = pair_ok
+    dz = terms_vjp(z, is_pos, include, rows, rows < N, cls, cls < C, N, C, terms_ptr, grad_ptr,
+                   LOSS)
     dS = tl.where(pair_ok, alpha * sign * dz, 0.0)
     ds = class_similarity_vjp(s, q, S, dS, inv_gamma, sim)
     tl.store(ds_ptr + offs, ds.to(ds_ptr.dtype.element_ty), mask=mask)
