@@ -296,7 +296,8 @@ def test_launched_specialisations_are_the_checked_ones(monkeypatch, loss, k, dty
     # forward, merge, then one backward launch (class-tile owner adding dx atomically) or two
     assert len(launched) == (4 if deterministic else 3)
     assert set(launched) <= {sp.name for sp in linear.SPECIALISATIONS}
-    assert all(name.endswith("tf32]") == allow_tf32 for name in launched)
+    assert all(name.endswith("tf32]") == allow_tf32 for name in launched
+               if not name.startswith("_merge_kernel"))
 
 
 @requires_cuda

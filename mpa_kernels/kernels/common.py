@@ -221,20 +221,28 @@ def softplus(z):
 def terms_vjp(z, is_pos, include, rows, row_ok, cls, cls_ok, N, C, terms_ptr, grad_ptr, LOSS):
     """``dL/dz`` of a ``[rows, cls]`` tile of logits from the terms (``terms_ptr``, fp32
     ``[2, N]`` or ``[2, C]``) and their gradient (``grad_ptr``, the same shape); ``include`` marks
-    the members of the row's log-sum-exp (row-wise only). ``LOSS`` is a code of
-    :data:`LOSS_CODES`, a ``tl.constexpr`` or a runtime ``i32``; every branch gives a full tile."""
+    the members of the row's log-sum-exp (row-wise only). The caller masks the result to the real
+    ``(row, class)`` pairs. ``LOSS`` is a code of :data:`LOSS_CODES`, a ``tl.constexpr`` or a
+    runtime ``i32`` (every branch gives full tiles). Each pair's group ``G`` and coefficient are
+    picked first, so that a tile costs one exponential per pair."""
+    zeros = tl.zeros_like(z)
     if LOSS == LOSS_MPA:
         g_pos = tl.load(grad_ptr + cls, mask=cls_ok, other=0.0)[None, :]
         g_neg = tl.load(grad_ptr + C + cls, mask=cls_ok, other=0.0)[None, :]
         lse_pos = tl.load(terms_ptr + cls, mask=cls_ok, other=0.0)[None, :]
         lse_neg = tl.load(terms_ptr + C + cls, mask=cls_ok, other=0.0)[None, :]
-        dz = tl.where(is_pos, g_pos * tl.exp(z - lse_pos), g_neg * tl.exp(z - lse_neg))
+        coef = tl.where(is_pos, g_pos, g_neg) + zeros
+        group = tl.where(is_pos, lse_pos, lse_neg) + zeros
+        member = is_pos | ~is_pos
+        shift = zeros
     else:
         g_lse = tl.load(grad_ptr + rows, mask=row_ok, other=0.0)[:, None]
         g_extra = tl.load(grad_ptr + N + rows, mask=row_ok, other=0.0)[:, None]
         lse = tl.load(terms_ptr + rows, mask=row_ok, other=0.0)[:, None]
         extra = tl.load(terms_ptr + N + rows, mask=row_ok, other=0.0)[:, None]
-        dz = tl.where(include, g_lse * tl.exp(z - lse), 0.0)
-        dz = tl.where(is_pos & (LOSS == LOSS_MPA_DW), g_extra * tl.exp(z - extra), dz)
-        dz = tl.where(is_pos & (LOSS == LOSS_SOFT_TRIPLE), dz - g_extra, dz)
-    return dz
+        dw_pos = is_pos & (LOSS == LOSS_MPA_DW)
+        coef = tl.where(dw_pos, g_extra, g_lse) + zeros
+        group = tl.where(dw_pos, extra, lse) + zeros
+        member = include | dw_pos
+        shift = tl.where(is_pos & (LOSS == LOSS_SOFT_TRIPLE), g_extra, 0.0) + zeros
+    return tl.where(member, coef * tl.exp(z - group), 0.0) - shift
