@@ -225,24 +225,20 @@ def terms_vjp(z, is_pos, include, rows, row_ok, cls, cls_ok, N, C, terms_ptr, gr
     ``(row, class)`` pairs. ``LOSS`` is a code of :data:`LOSS_CODES`, a ``tl.constexpr`` or a
     runtime ``i32`` (every branch gives full tiles). Each pair's group ``G`` and coefficient are
     picked first, so that a tile costs one exponential per pair."""
-    zeros = tl.zeros_like(z)
     if LOSS == LOSS_MPA:
         g_pos = tl.load(grad_ptr + cls, mask=cls_ok, other=0.0)[None, :]
         g_neg = tl.load(grad_ptr + C + cls, mask=cls_ok, other=0.0)[None, :]
         lse_pos = tl.load(terms_ptr + cls, mask=cls_ok, other=0.0)[None, :]
         lse_neg = tl.load(terms_ptr + C + cls, mask=cls_ok, other=0.0)[None, :]
-        coef = tl.where(is_pos, g_pos, g_neg) + zeros
-        group = tl.where(is_pos, lse_pos, lse_neg) + zeros
-        member = is_pos | ~is_pos
-        shift = zeros
+        e = tl.exp(z - tl.where(is_pos, lse_pos, lse_neg))
+        dz = tl.where(is_pos, g_pos * e, g_neg * e)
     else:
         g_lse = tl.load(grad_ptr + rows, mask=row_ok, other=0.0)[:, None]
         g_extra = tl.load(grad_ptr + N + rows, mask=row_ok, other=0.0)[:, None]
         lse = tl.load(terms_ptr + rows, mask=row_ok, other=0.0)[:, None]
         extra = tl.load(terms_ptr + N + rows, mask=row_ok, other=0.0)[:, None]
         dw_pos = is_pos & (LOSS == LOSS_MPA_DW)
-        coef = tl.where(dw_pos, g_extra, g_lse) + zeros
-        group = tl.where(dw_pos, extra, lse) + zeros
-        member = include | dw_pos
-        shift = tl.where(is_pos & (LOSS == LOSS_SOFT_TRIPLE), g_extra, 0.0) + zeros
-    return tl.where(member, coef * tl.exp(z - group), 0.0) - shift
+        e = tl.exp(z - tl.where(dw_pos, extra, lse))
+        dz = tl.where(dw_pos, g_extra * e, tl.where(include, g_lse * e, 0.0))
+        dz = tl.where(is_pos & (LOSS == LOSS_SOFT_TRIPLE), dz - g_extra, dz)
+    return dz
