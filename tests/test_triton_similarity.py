@@ -176,7 +176,8 @@ def test_kernels_alone_match_reference(dtype, loss, k, similarity):
 
 
 @pytest.mark.parametrize("loss,k,similarity", [
-    ("mpa", 3, "softmax"), ("mpa_dw", 2, "max"), ("mpa_ap", 1, "softmax"), ("soft_triple", 3, "mean"),
+    ("mpa", 3, "softmax"), ("mpa_dw", 2, "max"), ("mpa_ap", 1, "softmax"),
+    ("soft_triple", 3, "mean"),
 ])
 def test_kernels_take_labels_outside_the_classes(loss, k, similarity):
     """Labels outside [0, C) (a shard of the classes without the row's positive): no class is
