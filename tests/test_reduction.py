@@ -1,4 +1,5 @@
-"""``reduction=``: per-sample terms for the row-wise losses, per-class terms for the column-wise ones,
+"""The terms contract of the backends (row-wise ``(lse, extra)``, column-wise ``(P, N)``) and
+``reduction=``: per-sample terms for the row-wise losses, per-class terms for the column-wise ones,
 their mean/sum, and the refusal of a backend that computes only the mean."""
 
 import pytest
@@ -107,8 +108,8 @@ def test_a_mean_only_backend_refuses_other_reductions_and_auto_skips_it(monkeypa
     reference = backends._load("reference")
     mean_only = types.SimpleNamespace(
         __name__="mean_only", LOW_PRECISION=False, unavailable_reason=lambda device: None,
-        similarity_loss=lambda x_hat, w_hat, y, spec: reference.similarity_terms(
-            x_hat, w_hat, y, spec).mean())
+        similarity_loss=lambda x_hat, w_hat, y, spec: MF.row_losses(reference.similarity_terms(
+            x_hat, w_hat, y, spec), spec).mean())
     monkeypatch.setitem(backends.sys.modules, backends._MODULES["torch"], mean_only)
     mean = MF.mpa_dw_loss(x, labels, w, proxies_per_class=2, backend="torch")
     expected = MF.mpa_dw_loss(x, labels, w, proxies_per_class=2, backend="reference")
@@ -142,7 +143,7 @@ def test_mean_prefers_a_backends_scalar_entry_point_and_other_reductions_its_ter
 
     def similarity_loss(*args):
         used.append("similarity_loss")
-        return reference.similarity_terms(*args).mean()
+        return MF.row_losses(reference.similarity_terms(*args), args[3]).mean()
 
     def similarity_terms(*args):
         used.append("similarity_terms")
@@ -157,3 +158,87 @@ def test_mean_prefers_a_backends_scalar_entry_point_and_other_reductions_its_ter
         MF.soft_triple_loss(x, labels, w, proxies_per_class=2, backend="torch",
                             reduction=reduction)
     assert used == ["similarity_loss", "similarity_terms", "similarity_terms"]
+
+
+SPECS = {
+    "mpa": MF.LossSpec("mpa", 5, 3, alpha=32.0, delta=0.1),
+    "proxy_anchor": MF.LossSpec("proxy_anchor", 5, 1, alpha=32.0, delta=0.1),
+    "mpa_dw": MF.LossSpec("mpa_dw", 5, 3, alpha=32.0, delta=0.1, similarity="max"),
+    "mpa_ap": MF.LossSpec("mpa_ap", 5, 3, alpha=32.0, delta=0.1, similarity="mean"),
+    "soft_triple": MF.LossSpec("soft_triple", 5, 3, alpha=20.0, delta=0.01),
+    "proxy_nca": MF.LossSpec("proxy_nca", 5, 1, alpha=18.0, delta=0.0),
+}
+_ORACLE = {"mpa": "mpa", "proxy_anchor": "mpa", "mpa_dw": "mpa_dw", "mpa_ap": "mpa_ap",
+           "soft_triple": "soft_triple", "proxy_nca": "soft_triple"}
+
+
+def _reference_terms(x, labels, w, spec):
+    from mpa_kernels.backends import reference as backend
+
+    return backend.similarity_terms(F.normalize(x, dim=1), F.normalize(w, dim=1), labels, spec)
+
+
+@pytest.mark.parametrize("loss", sorted(SPECS))
+def test_reference_backend_terms_decompose_the_oracles_terms(loss):
+    """The backend's (lse, extra) or (P, N), reduced by the front end, are the oracle's
+    one-function-per-equation terms."""
+    spec = SPECS[loss]
+    x, labels, w = _batch(spec.proxies_per_class)
+    terms = _reference_terms(x, labels, w, spec)
+    S = mpa_kernels.reference.class_similarity(x, w, spec.proxies_per_class, spec.similarity,
+                                               spec.gamma)
+    oracle = getattr(mpa_kernels.reference, f"{_ORACLE[loss]}_similarity_terms")(
+        S, labels, spec.alpha, spec.delta)
+    if spec.column_wise:
+        assert terms.shape == (2, 5)
+        torch.testing.assert_close(terms, torch.stack(oracle), rtol=1e-12, atol=1e-12)
+        assert terms[0, 2] == 0  # class 2 is absent
+    else:
+        assert terms.shape == (2, 9)
+        torch.testing.assert_close(MF.row_losses(terms, spec), oracle, rtol=1e-12, atol=1e-12)
+        if loss == "mpa_ap":
+            assert (terms[1] == 0).all()
+
+
+def _plain_terms(S, labels, spec):
+    """The contract's terms written out element by element, for any labels."""
+    n, c = S.shape
+    a, d = spec.alpha, spec.delta
+    out = torch.zeros(2, c if spec.column_wise else n, dtype=S.dtype)
+    if spec.column_wise:
+        for j in range(c):
+            out[0, j] = torch.log1p(sum((torch.exp(-a * (S[i, j] - d)) for i in range(n)
+                                         if labels[i] == j), torch.tensor(0.0, dtype=S.dtype)))
+            out[1, j] = torch.log1p(sum((torch.exp(a * (S[i, j] + d)) for i in range(n)
+                                         if labels[i] != j), torch.tensor(0.0, dtype=S.dtype)))
+        return out
+    for i in range(n):
+        y = int(labels[i])
+        if spec.loss == "mpa_dw":
+            z = [a * (S[i, j] + d) for j in range(c) if j != y]
+            extra = F.softplus(-a * (S[i, y] - d)) if 0 <= y < c else 0.0
+        elif spec.loss == "mpa_ap":
+            z = [a * ((d - S[i, j]) if j == y else (S[i, j] + d)) for j in range(c)]
+            extra = 0.0
+        else:
+            z = [a * (S[i, j] - (d if j == y else 0.0)) for j in range(c)]
+            extra = -a * (S[i, y] - d) if 0 <= y < c else 0.0
+        out[0, i] = torch.logsumexp(torch.stack(z), 0) if z else float("-inf")
+        out[1, i] = extra
+    return out
+
+
+@pytest.mark.parametrize("loss", sorted(SPECS))
+def test_reference_backend_terms_take_labels_outside_the_classes(loss):
+    """Labels outside [0, C) (a shard of the classes that does not hold the positive): no class
+    is positive for that row, every one a negative."""
+    spec = SPECS[loss]
+    x, _, w = _batch(spec.proxies_per_class)
+    labels = torch.tensor([0, -1, 5, 3, 7, 3, 1, 0, 4])
+    terms = _reference_terms(x, labels, w, spec)
+    S = mpa_kernels.reference.class_similarity(x, w, spec.proxies_per_class, spec.similarity,
+                                               spec.gamma)
+    torch.testing.assert_close(terms, _plain_terms(S, labels, spec), rtol=1e-12, atol=1e-12)
+    if not spec.column_wise:
+        assert (terms[1, [1, 2, 4]] == 0).all()
+

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import mpa_kernels.functional as F
-from mpa_kernels.kernels import compile_check, linear, similarity
+from mpa_kernels.kernels import compile_check, launch, linear, similarity
 
 ROOT = Path(__file__).resolve().parents[1]
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
@@ -68,14 +68,14 @@ def record_launches(monkeypatch) -> list:
     """Names of the specialisations launched from now on; each launch's arguments are checked
     against the types the specialisation declares (what the compile check compiled)."""
     launched = []
-    real_launch = similarity.Specialisation.launch
+    real_launch = launch.Specialisation.launch
 
     def recording_launch(self, grid, *args):
         launched.append(self.name)
         assert tuple(_triton_type(a) for a in args) == tuple(t for _, t in self.arg_types)
         return real_launch(self, grid, *args)
 
-    monkeypatch.setattr(similarity.Specialisation, "launch", recording_launch)
+    monkeypatch.setattr(launch.Specialisation, "launch", recording_launch)
     return launched
 
 
@@ -97,5 +97,5 @@ def test_launched_specialisations_are_the_checked_ones(monkeypatch, loss, k, dty
     x = torch.randn(5, 8, dtype=dtype, requires_grad=True)
     w = torch.randn(3 * k, 8, dtype=dtype, requires_grad=True)
     fn(x, torch.tensor([0, 1, 2, 1, 0]), w, proxies_per_class=k, backend="triton").backward()
-    assert len(launched) == 3  # forward, finalize, backward
+    assert len(launched) == 3  # forward, merge, backward
     assert set(launched) <= {spec.name for spec in similarity.SPECIALISATIONS}

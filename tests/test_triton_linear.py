@@ -1,7 +1,8 @@
 """The ``"triton-linear"`` backend (fused-linear kernels) against the reference.
 
 Value and both gradients (embeddings and proxies, through the normalisation) through the public
-functional API. On CPU the kernels run in the Triton interpreter (conftest.py sets
+functional API for every reduction, and the backend's terms with a gradient of their own (labels
+outside [0, C) included). On CPU the kernels run in the Triton interpreter (conftest.py sets
 ``TRITON_INTERPRET=1``) with 32-wide tiles, so the shapes below span several row tiles, class tiles,
 d chunks and splits while staying tiny; on a GPU the same checks run on CUDA, bf16 included. The
 reference runs in fp64 on the very inputs the backend sees (fp16/bf16-rounded for the
@@ -26,6 +27,7 @@ from tests.test_triton_custom_op import assert_compiles_to_single_ops
 from tests.test_triton_similarity import (
     KS,
     LOSSES,
+    REDUCTIONS,
     SIMILARITIES,
     _edge_labels,
     _inputs,
@@ -41,13 +43,19 @@ SHAPES = ((1, 3, 40), (37, 7, 40), (33, 13, 16), (5, 11, 70))
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 2e-1}
 
 
+def _reduction(i, loss):
+    reduction = REDUCTIONS[i % len(REDUCTIONS)]
+    return "mean" if loss == "mpa" and reduction == "sum" else reduction
+
+
 def _cases():
     """Every loss x K x similarity (one similarity for K = 1, where all modes agree), each with a
-    shape from the grid in turn and the default (atomic) or deterministic backward in turn, so
-    the grid is covered without its full product."""
+    shape from the grid, the default (atomic) or deterministic backward and a reduction in turn,
+    so the grid is covered without its full product."""
     combos = [(loss, k, sim) for loss, k, sim in itertools.product(LOSSES, KS, SIMILARITIES)
               if k > 1 or sim == "softmax"]
-    return [(*combo, *SHAPES[i % len(SHAPES)], i % 3 == 1) for i, combo in enumerate(combos)]
+    return [(*combo, *SHAPES[i % len(SHAPES)], i % 3 == 1, _reduction(i // 3, combo[0]))
+            for i, combo in enumerate(combos)]
 
 
 def _assert_matches_reference(fn, x, y, w, **kw):
@@ -64,11 +72,13 @@ def _assert_matches_reference(fn, x, y, w, **kw):
         assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
 
 
-@pytest.mark.parametrize("loss,k,similarity,n,c,d,deterministic", _cases())
-def test_matches_reference_fp32(loss, k, similarity, n, c, d, deterministic, monkeypatch):
+@pytest.mark.parametrize("loss,k,similarity,n,c,d,deterministic,reduction", _cases())
+def test_matches_reference_fp32(loss, k, similarity, n, c, d, deterministic, reduction,
+                                monkeypatch):
     monkeypatch.setattr(triton_linear, "DETERMINISTIC", deterministic)
     x, y, w = _inputs(n, c, k, torch.float32, "cpu", d)
-    _assert_matches_reference(LOSSES[loss], x, y, w, proxies_per_class=k, similarity=similarity)
+    _assert_matches_reference(LOSSES[loss], x, y, w, proxies_per_class=k, similarity=similarity,
+                              reduction=reduction)
 
 
 @pytest.mark.parametrize("loss,k,similarity", [
@@ -77,7 +87,8 @@ def test_matches_reference_fp32(loss, k, similarity, n, c, d, deterministic, mon
 ])
 def test_matches_reference_fp16(loss, k, similarity):
     x, y, w = _inputs(37, 7, k, torch.float16, "cpu", d=40)
-    _assert_matches_reference(LOSSES[loss], x, y, w, proxies_per_class=k, similarity=similarity)
+    _assert_matches_reference(LOSSES[loss], x, y, w, proxies_per_class=k, similarity=similarity,
+                              reduction="none" if k in (3, 10) else "mean")
 
 
 @pytest.mark.parametrize("loss", LOSSES)
@@ -94,7 +105,11 @@ def test_edge_cases(loss, case, n, c, k, alpha, deterministic, monkeypatch):
     monkeypatch.setattr(triton_linear, "DETERMINISTIC", deterministic)
     x, y, w = _inputs(n, c, k, torch.float32, "cpu", d=40, labels=_edge_labels(case, n, c))
     kw = {} if alpha is None else {"alpha": alpha}
-    _assert_matches_reference(LOSSES[loss], x, y, w, proxies_per_class=k, **kw)
+    reduction = {"single_class": "none", "alpha_64": "sum", "n_1_k_10": "none"}.get(case, "mean")
+    if loss == "mpa" and reduction == "sum":
+        reduction = "mean"
+    _assert_matches_reference(LOSSES[loss], x, y, w, proxies_per_class=k, reduction=reduction,
+                              **kw)
 
 
 @pytest.mark.parametrize("fn", [F.proxy_anchor_loss, F.proxy_nca_loss])
@@ -105,12 +120,43 @@ def test_single_proxy_baselines(fn, n, c):
 
 
 def _backend_call(x_hat, w_hat, y, spec, **kw):
-    """The backend on normalised inputs, without the front end: (loss, dx_hat, dw_hat)."""
+    """The backend on normalised inputs, its terms reduced to the mean: (loss, dx_hat, dw_hat)."""
     x_hat = x_hat.detach().clone().requires_grad_()
     w_hat = w_hat.detach().clone().requires_grad_()
-    value = triton_linear.similarity_loss(x_hat, w_hat, y, spec, **kw)
+    value = F.reduce_terms(triton_linear.similarity_terms(x_hat, w_hat, y, spec, **kw), y, spec)
     value.backward()
     return value.detach(), x_hat.grad, w_hat.grad
+
+
+@pytest.mark.parametrize("loss,k,similarity,deterministic", [
+    ("mpa", 3, "softmax", False), ("mpa_dw", 2, "max", True), ("mpa_ap", 1, "softmax", False),
+    ("soft_triple", 3, "mean", True),
+])
+def test_terms_take_labels_outside_the_classes(loss, k, similarity, deterministic):
+    """The backend's terms and both gradients for a random gradient of the terms against the
+    reference backend's, with labels outside [0, C) (a shard of the classes without the row's
+    positive: every class is one of its negatives, its extra term is 0)."""
+    n, c, d = 37, 40, 40
+    x_hat, w_hat, _ = _clustered(n, c, k, d)
+    y = torch.randint(0, c, (n,))
+    y[::3] = torch.tensor([-1, c, c + 5, -7, 2 * c, c, -1, c, -2, c + 1, -1, 3 * c, c])
+    spec = LossSpec(loss, c, k, 32.0, 0.1, similarity=similarity)
+    grad = torch.rand(2, c if loss == "mpa" else n, generator=torch.Generator().manual_seed(2))
+    got, want = [], []
+    for backend, out, dtype in ((triton_linear, got, torch.float32),
+                                (resolve("reference", torch.device("cpu")), want, torch.float64)):
+        xh = x_hat.to(dtype).requires_grad_()
+        wh = w_hat.to(dtype).requires_grad_()
+        kw = {"deterministic": deterministic} if backend is triton_linear else {}
+        terms = backend.similarity_terms(xh, wh, y, spec, **kw)
+        out.extend([terms.detach(), *torch.autograd.grad(terms, (xh, wh), grad.to(dtype))])
+    assert got[0].shape == want[0].shape
+    if loss != "mpa":
+        assert (got[0][1, ::3] == 0).all()
+    for name, a, b in zip(("terms", "d_x_hat", "d_w_hat"), got, want):
+        err = float((a.double() - b).abs().max() / b.abs().max().clamp_min(1.0 if name == "terms"
+                                                                           else 1e-6))
+        assert err <= 2e-5, f"{name}: relative error {err:.2e}"
 
 
 def _clustered(n, c, k, d, noise=0.5, group=8, spread=0.8, seed=0):
@@ -213,9 +259,9 @@ def test_bad_options_and_too_many_proxies_are_clear_errors():
     x_hat, w_hat, y = _clustered(4, 3, 2, 16)
     spec = LossSpec("mpa", 3, 2, 32.0, 0.1)
     with pytest.raises(ValueError, match="filter_eps"):
-        triton_linear.similarity_loss(x_hat, w_hat, y, spec, filter_eps=1.5)
+        triton_linear.similarity_terms(x_hat, w_hat, y, spec, filter_eps=1.5)
     with pytest.raises(TypeError, match="filter_eps"):
-        triton_linear.similarity_loss(x_hat, w_hat, y, spec, filter_eps="0.1")
+        triton_linear.similarity_terms(x_hat, w_hat, y, spec, filter_eps="0.1")
     x, y, w = _inputs(4, 2, 17, torch.float32, "cpu")
     with pytest.raises(BackendUnavailableError, match="up to 16 proxies per class, got 17"):
         F.mpa_loss(x, y, w, proxies_per_class=17, backend=BACKEND)
@@ -247,19 +293,22 @@ def test_launched_specialisations_are_the_checked_ones(monkeypatch, loss, k, dty
     w = torch.randn(3 * k, 8, dtype=dtype, requires_grad=True)
     LOSSES[loss](x, torch.tensor([0, 1, 2, 1, 0]), w, proxies_per_class=k,
                  backend=BACKEND).backward()
-    # forward, then one backward launch (class-tile owner adding dx atomically) or two
-    assert len(launched) == (3 if deterministic else 2)
+    # forward, merge, then one backward launch (class-tile owner adding dx atomically) or two
+    assert len(launched) == (4 if deterministic else 3)
     assert set(launched) <= {sp.name for sp in linear.SPECIALISATIONS}
-    assert all(name.endswith("tf32]") == allow_tf32 for name in launched)
+    assert all(name.endswith("tf32]") == allow_tf32 for name in launched
+               if not name.startswith("_merge_kernel"))
 
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("loss,k,similarity,n,c,d,deterministic", _cases())
-def test_matches_reference_cuda(dtype, loss, k, similarity, n, c, d, deterministic, monkeypatch):
+@pytest.mark.parametrize("loss,k,similarity,n,c,d,deterministic,reduction", _cases())
+def test_matches_reference_cuda(dtype, loss, k, similarity, n, c, d, deterministic, reduction,
+                                monkeypatch):
     monkeypatch.setattr(triton_linear, "DETERMINISTIC", deterministic)
     x, y, w = _inputs(n, c, k, dtype, "cuda", d)
-    _assert_matches_reference(LOSSES[loss], x, y, w, proxies_per_class=k, similarity=similarity)
+    _assert_matches_reference(LOSSES[loss], x, y, w, proxies_per_class=k, similarity=similarity,
+                              reduction=reduction)
 
 
 @requires_cuda
@@ -293,20 +342,20 @@ def test_opcheck(loss, similarity, k, deterministic):
     w = tF.normalize(torch.randn(c * k, d), dim=1).requires_grad_()
     labels = torch.randint(0, c, (n,))
     hyper = (loss, c, k, similarity, 32.0, 0.1, 0.1, deterministic, 0.0, False)
-    torch.library.opcheck(torch.ops.mpa_kernels.linear_loss.default, (x, w, labels) + hyper)
-    _, stat0, stat1, unit_den = torch.ops.mpa_kernels.linear_loss(x, w, labels, *hyper)
-    args = (torch.tensor(1.5), x.detach(), w.detach(), labels, stat0, stat1, unit_den) + hyper
-    torch.library.opcheck(torch.ops.mpa_kernels.linear_loss_backward.default, args)
+    torch.library.opcheck(torch.ops.mpa_kernels.linear_terms.default, (x, w, labels) + hyper)
+    terms = torch.ops.mpa_kernels.linear_terms(x, w, labels, *hyper).detach()
+    args = (torch.rand_like(terms), x.detach(), w.detach(), labels, terms) + hyper
+    torch.library.opcheck(torch.ops.mpa_kernels.linear_terms_backward.default, args)
 
 
 def test_compile_fullgraph_records_the_operators():
     spec = LossSpec("mpa_ap", 5, 2, 32.0, 0.1)
 
     def loss_fn(x, w, labels):
-        return linear.fused_linear_loss(tF.normalize(x, dim=1), tF.normalize(w, dim=1), labels,
-                                        spec, deterministic=False, allow_tf32=False)
+        return linear.fused_linear_terms(tF.normalize(x, dim=1), tF.normalize(w, dim=1), labels,
+                                         spec, deterministic=False, allow_tf32=False).sum()
 
     x = torch.randn(11, 8, requires_grad=True)
     w = torch.randn(10, 8, requires_grad=True)
     labels = torch.randint(0, 5, (11,))
-    assert_compiles_to_single_ops(loss_fn, x, w, labels, "linear_loss")
+    assert_compiles_to_single_ops(loss_fn, x, w, labels, "linear_terms")

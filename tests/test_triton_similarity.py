@@ -1,7 +1,8 @@
 """The ``"triton"`` backend (kernels over the similarity tensor) against the reference.
 
 Value and both gradients (embeddings and proxies, through the normalisation and the GEMM) through
-the public functional API, and of the kernels alone on a given s. On CPU the kernels run in the
+the public functional API for every reduction, and the terms of the kernels alone on a given s
+(each row of the terms with a gradient of its own, labels outside [0, C) included). On CPU the kernels run in the
 Triton interpreter (conftest.py sets ``TRITON_INTERPRET=1``), so shapes are tiny: the full grid in
 fp32, a subset in fp16 and bf16; on a GPU the grid runs on CUDA in fp32, fp16 and bf16.
 The reference runs in fp64 on the very inputs the Triton backend sees (fp16/bf16-rounded for the
@@ -15,8 +16,10 @@ import torch
 
 import mpa_kernels.functional as F
 import reference
+from mpa_kernels._spec import LossSpec
 from mpa_kernels.backends import BackendUnavailableError, resolve
-from mpa_kernels.kernels.similarity import similarity_loss
+from mpa_kernels.backends import reference as reference_backend
+from mpa_kernels.kernels.similarity import similarity_terms
 from tests.conftest import HAS_CUDA, requires_cuda
 
 LOSSES = {
@@ -38,12 +41,22 @@ TOLERANCE = {torch.float32: 2e-5, torch.float16: 3e-2, torch.bfloat16: 2e-1}
 KERNEL_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
+REDUCTIONS = ("mean", "none", "sum")
+
+
 def _cases():
     """Every loss x K x similarity (one similarity for K = 1, where all modes agree), each with a
-    shape from the grid in turn so that the grid is covered without its full product."""
+    shape from the grid and a reduction in turn, so that both are covered without their full
+    product ("sum" is refused for the column-wise MPA: "mean" instead)."""
     combos = [(loss, k, sim) for loss, k, sim in itertools.product(LOSSES, KS, SIMILARITIES)
               if k > 1 or sim == "softmax"]
-    return [(*combo, *SHAPES[i % len(SHAPES)]) for i, combo in enumerate(combos)]
+    cases = []
+    for i, (loss, k, sim) in enumerate(combos):
+        reduction = REDUCTIONS[i % len(REDUCTIONS)]
+        if loss == "mpa" and reduction == "sum":
+            reduction = "mean"
+        cases.append((loss, k, sim, *SHAPES[i % len(SHAPES)], reduction))
+    return cases
 
 
 def _inputs(n, c, k, dtype, device, d=8, labels=None):
@@ -53,11 +66,14 @@ def _inputs(n, c, k, dtype, device, d=8, labels=None):
     return x, y, w
 
 
-def _value_and_grads(fn, x, y, w, backend, **kw):
+def _value_and_grads(fn, x, y, w, backend, reduction="mean", **kw):
+    """The loss and both gradients; for ``reduction="none"`` the gradient of a weighted sum of the
+    terms, with unequal weights so that each term's own gradient counts."""
     x = x.detach().clone().requires_grad_()
     w = w.detach().clone().requires_grad_()
-    value = fn(x, y, w, backend=backend, **kw)
-    value.backward()
+    value = fn(x, y, w, backend=backend, reduction=reduction, **kw)
+    weights = torch.linspace(0.5, 2.0, value.numel(), dtype=value.dtype, device=value.device)
+    (value * weights.view(value.shape)).sum().backward()
     return value.detach(), x.grad, w.grad
 
 
@@ -91,10 +107,11 @@ def _assert_matches_reference(fn, x, y, w, **kw):
     return errors
 
 
-@pytest.mark.parametrize("loss,k,similarity,n,c", _cases())
-def test_matches_reference_fp32(loss, k, similarity, n, c):
+@pytest.mark.parametrize("loss,k,similarity,n,c,reduction", _cases())
+def test_matches_reference_fp32(loss, k, similarity, n, c, reduction):
     x, y, w = _inputs(n, c, k, torch.float32, "cpu")
-    _assert_matches_reference(LOSSES[loss], x, y, w, proxies_per_class=k, similarity=similarity)
+    _assert_matches_reference(LOSSES[loss], x, y, w, proxies_per_class=k, similarity=similarity,
+                              reduction=reduction)
 
 
 @pytest.mark.parametrize("loss,k,similarity", [
@@ -103,7 +120,8 @@ def test_matches_reference_fp32(loss, k, similarity, n, c):
 ])
 def test_matches_reference_fp16(loss, k, similarity):
     x, y, w = _inputs(17, 7, k, torch.float16, "cpu")
-    _assert_matches_reference(LOSSES[loss], x, y, w, proxies_per_class=k, similarity=similarity)
+    _assert_matches_reference(LOSSES[loss], x, y, w, proxies_per_class=k, similarity=similarity,
+                              reduction="none" if k in (3, 10) else "mean")
 
 
 @pytest.mark.parametrize("loss", LOSSES)
@@ -120,29 +138,28 @@ def _class_similarity_of_s(s, k, similarity, gamma=0.1):
     return s.max(dim=2).values if similarity == "max" else s.mean(dim=2)
 
 
-_SIMILARITY_LOSSES = {"mpa": reference.mpa_similarity_loss,
-                      "mpa_dw": reference.mpa_dw_similarity_loss,
-                      "mpa_ap": reference.mpa_ap_similarity_loss,
-                      "soft_triple": reference.soft_triple_similarity_loss}
-
-
 def _assert_kernels_match_reference(s, labels, loss, c, k, similarity, alpha=32.0, delta=0.1):
-    """The custom operator on s (value and ds) against the reference on s in fp64: isolates the
-    kernels' own error from that of the GEMMs and the normalisation."""
+    """The custom operator on s (the terms and ds for a random gradient of both rows of the
+    terms) against the reference backend's terms of s in fp64: isolates the kernels' own error
+    from that of the GEMMs and the normalisation."""
     s = s.detach().requires_grad_()
-    value = similarity_loss(s, labels, loss, c, k, similarity, alpha, delta, 0.1)
-    (ds,) = torch.autograd.grad(value, s)
+    terms = similarity_terms(s, labels, loss, c, k, similarity, alpha, delta, 0.1)
+    grad = torch.rand(terms.shape, generator=torch.Generator().manual_seed(1)).to(terms.device)
+    (ds,) = torch.autograd.grad(terms, s, grad)
     s64 = s.detach().double().requires_grad_()
-    want = _SIMILARITY_LOSSES[loss](_class_similarity_of_s(s64, k, similarity), labels, alpha,
-                                    delta)
-    (ds_want,) = torch.autograd.grad(want, s64)
-    assert value.dtype == torch.float32 and ds.dtype == s.dtype
+    spec = LossSpec(loss, c, k, alpha, delta, 0.1, similarity)
+    want = reference_backend.terms_of_class_similarity(
+        _class_similarity_of_s(s64, k, similarity), labels, spec)
+    (ds_want,) = torch.autograd.grad(want, s64, grad.double())
+    assert terms.dtype == torch.float32 and ds.dtype == s.dtype and terms.shape == want.shape
     tol = KERNEL_TOLERANCE[s.dtype]
-    value, want = value.detach().double(), want.detach()
-    err_value = float((value - want).abs() / want.abs().clamp_min(1.0))
+    terms, want = terms.detach().double(), want.detach()
+    finite = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(terms), finite) and (terms[~finite] == want[~finite]).all()
+    err_terms = float(((terms - want)[finite].abs() / want[finite].abs().clamp_min(1.0)).max())
     err_ds = float((ds.double() - ds_want).abs().max() / ds_want.abs().max())
-    assert err_value <= tol and err_ds <= tol, (err_value, err_ds)
-    return err_value, err_ds
+    assert err_terms <= tol and err_ds <= tol, (err_terms, err_ds)
+    return err_terms, err_ds
 
 
 # bf16 runs in the interpreter here: these kernels only load, convert and store it (no tl.dot, which
@@ -156,6 +173,23 @@ def test_kernels_alone_match_reference(dtype, loss, k, similarity):
     s = (torch.rand(n, c * k) * 2 - 1).to(dtype)
     labels = torch.randint(0, c, (n,))
     _assert_kernels_match_reference(s, labels, loss, c, k, similarity)
+
+
+@pytest.mark.parametrize("loss,k,similarity", [
+    ("mpa", 3, "softmax"), ("mpa_dw", 2, "max"), ("mpa_ap", 1, "softmax"),
+    ("soft_triple", 3, "mean"),
+])
+def test_kernels_take_labels_outside_the_classes(loss, k, similarity):
+    """Labels outside [0, C) (a shard of the classes without the row's positive): no class is
+    positive for that row, and its extra term is 0. Across several class blocks and splits."""
+    n, c = 19, 70
+    s = torch.rand(n, c * k) * 2 - 1
+    labels = torch.randint(0, c, (n,))
+    labels[::3] = torch.tensor([-1, c, c + 5, -7, 2 * c, c, -1])
+    _assert_kernels_match_reference(s, labels, loss, c, k, similarity)
+    if loss != "mpa":
+        terms = similarity_terms(s, labels, loss, c, k, similarity, 32.0, 0.1, 0.1)
+        assert (terms[1, ::3] == 0).all()
 
 
 def _edge_labels(case, n, c):
@@ -178,14 +212,18 @@ def _edge_labels(case, n, c):
 def test_edge_cases(loss, case, n, c, k, alpha):
     x, y, w = _inputs(n, c, k, torch.float32, "cpu", labels=_edge_labels(case, n, c))
     kw = {} if alpha is None else {"alpha": alpha}
-    _assert_matches_reference(LOSSES[loss], x, y, w, proxies_per_class=k, **kw)
+    reduction = {"single_class": "none", "alpha_64": "sum", "n_1_k_10": "none"}.get(case, "mean")
+    if loss == "mpa" and reduction == "sum":
+        reduction = "mean"
+    _assert_matches_reference(LOSSES[loss], x, y, w, proxies_per_class=k, reduction=reduction,
+                              **kw)
 
 
 @pytest.mark.parametrize("loss,n,c", [("mpa", 6, 1100), ("soft_triple", 1030, 3)])
-def test_statistics_span_several_finalize_blocks(loss, n, c):
-    """More classes (column-wise) or rows (row-wise) than the finalize kernel's 1024-wide block."""
+def test_terms_span_several_merge_blocks(loss, n, c):
+    """More classes (column-wise) or rows (row-wise) than the merge kernel's 1024-wide block."""
     x, y, w = _inputs(n, c, 1, torch.float32, "cpu")
-    _assert_matches_reference(LOSSES[loss], x, y, w, proxies_per_class=1)
+    _assert_matches_reference(LOSSES[loss], x, y, w, proxies_per_class=1, reduction="none")
 
 
 @pytest.mark.parametrize("fn", [F.proxy_anchor_loss, F.proxy_nca_loss])
@@ -225,10 +263,11 @@ def test_interpreter_is_available_on_cpu():
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("loss,k,similarity,n,c", _cases())
-def test_matches_reference_cuda(dtype, loss, k, similarity, n, c):
+@pytest.mark.parametrize("loss,k,similarity,n,c,reduction", _cases())
+def test_matches_reference_cuda(dtype, loss, k, similarity, n, c, reduction):
     x, y, w = _inputs(n, c, k, dtype, "cuda")
-    _assert_matches_reference(LOSSES[loss], x, y, w, proxies_per_class=k, similarity=similarity)
+    _assert_matches_reference(LOSSES[loss], x, y, w, proxies_per_class=k, similarity=similarity,
+                              reduction=reduction)
 
 
 @requires_cuda

@@ -10,18 +10,32 @@ A backend is a module in this package that defines
   proxies (C*K, d); ``proxies``: raw proxies; ``spec``: the :class:`~mpa_kernels._spec.LossSpec`):
 
   - ``similarity_terms(x_hat, w_hat, labels, spec, **options) -> Tensor``: the similarity term
-    unreduced. Row-wise family: ``(N,)``, sample ``i``'s term (the loss is their mean), or
-    ``(2, N)``: row 0 ``lse_i``, the log-sum-exp of the logits in sample ``i``'s log-sum-exp
-    without the implicit zero logit (``-inf`` if there are none), row 1 ``extra_i``, the positive
-    term outside it; the sample's term is ``extra_i + softplus(lse_i)`` for the losses with a zero
-    logit (MPA-DW, MPA-AP), else ``extra_i + lse_i``. Labels outside ``[0, C)`` are allowed there:
-    the row's class is not among these, every class is a negative and ``extra_i = 0``.
-    Column-wise family: ``(2, C)``, row 0 the positive terms ``P_c`` (exactly 0 for a class with
-    no sample in the batch), row 1 the negative terms ``N_c`` (the loss is
-    ``sum_c P_c / |C+| + sum_c N_c / C``, ``C+`` the classes present in the batch). The front end
-    reduces them (:func:`mpa_kernels.functional.reduce_terms`), adds the regulariser and serves
-    every ``reduction``. Because they are sums of per-row or per-class pieces, the same contract
-    serves proxies sharded over devices (partial terms, global counts).
+    unreduced, fp32 or wider. Labels outside ``[0, C)`` are allowed here (the front end refuses
+    them; a caller holding a shard of the classes passes the others so): such a row has no
+    positive class, and every class is one of its negatives.
+
+    Row-wise family (MPA-DW, MPA-AP, SoftTriple, ProxyNCA): ``(2, N)``. Row 0,
+    ``lse_i = log sum_c e^{z_ic}`` over the logits that enter row ``i``'s log-sum-exp, *without*
+    the implicit zero logit (``-inf`` if there are none): MPA-DW its negatives
+    ``alpha (S_ic + delta)``; MPA-AP every class, the positive as ``alpha (delta - S_iy)``;
+    SoftTriple and ProxyNCA every class, ``alpha (S_ic - delta [c = y_i])``. Row 1, ``extra_i``,
+    the positive term outside it: ``softplus(-alpha (S_iy - delta))`` for MPA-DW,
+    ``-alpha (S_iy - delta)`` for SoftTriple and ProxyNCA, 0 for MPA-AP, and 0 whenever ``y_i``
+    is not among the classes. Sample ``i``'s loss is ``extra_i + softplus(lse_i)`` for the
+    losses with a zero logit (MPA-DW, MPA-AP), ``extra_i + lse_i`` for the others
+    (:func:`mpa_kernels.functional.row_losses`); the loss is their mean. Log-sum-exps over
+    disjoint sets of classes merge by ``logsumexp`` and the ``extra`` by a sum, so proxies
+    sharded over devices merge their terms before ``row_losses``.
+
+    Column-wise family (MPA, ProxyAnchor): ``(2, C)``, row 0 the positive terms
+    ``P_c = log(1 + sum_{i: y_i = c} e^{-alpha (S_ic - delta)})`` (exactly 0 for a class with no
+    sample in the batch), row 1 the negative terms
+    ``N_c = log(1 + sum_{i: y_i != c} e^{alpha (S_ic + delta)})``; the loss is
+    ``sum_c P_c / |C+| + sum_c N_c / C``, ``C+`` the classes present in the batch. Each is a
+    class's own, so sharded proxies give a shard of them (with global counts).
+
+    The front end reduces them (:func:`mpa_kernels.functional.reduce_terms`), adds the
+    regulariser and serves every ``reduction``.
   - ``proxy_terms(x_hat, proxies, labels, spec, **options) -> (terms, regularizer)``: the same
     terms from *raw* proxies, with the unscaled regulariser of eq. 3 (a 0-dim tensor), for a
     backend that fuses the proxies' normalisation and the regulariser into its own sweep.

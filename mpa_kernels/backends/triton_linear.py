@@ -3,11 +3,13 @@ tensor.
 
 Fused-linear Triton kernels (:mod:`mpa_kernels.kernels.linear`) compute tiles of
 ``x_hat @ w_hat.T`` with ``tl.dot`` (fp32 accumulation), reduce them at once and keep O(N + C)
-statistics; the backward recomputes the tiles. fp16/bf16 inputs stay in their dtype, fp32 uses TF32
-when allowed, fp64 is computed in fp32 and the loss comes back in fp64.
+statistics, and return the unreduced terms of the contract in :mod:`mpa_kernels.backends` (every
+reduction; the front end reduces them); the backward recomputes the tiles. fp16/bf16 inputs stay
+in their dtype, fp32 uses TF32 when allowed, fp64 is computed in fp32 and the terms come back in
+fp64.
 
 Settings (module attributes, read at each call, are the defaults; the loss's per-call options
-``deterministic``, ``filter_eps`` and ``allow_tf32`` reach :func:`similarity_loss` as keyword
+``deterministic``, ``filter_eps`` and ``allow_tf32`` reach :func:`similarity_terms` as keyword
 arguments and override them):
 
 * ``DETERMINISTIC`` (``None``: follow ``torch.are_deterministic_algorithms_enabled()``): no
@@ -58,7 +60,7 @@ def dtype_unavailable_reason(dtype: torch.dtype) -> str | None:
     return None
 
 
-def similarity_loss(
+def similarity_terms(
     x_hat: torch.Tensor,
     w_hat: torch.Tensor,
     labels: torch.Tensor,
@@ -68,17 +70,17 @@ def similarity_loss(
     filter_eps: float | None = None,
     allow_tf32: bool | None = None,
 ) -> torch.Tensor:
-    from mpa_kernels.kernels.linear import fused_linear_loss
+    from mpa_kernels.kernels.linear import fused_linear_terms
 
     reason = dtype_unavailable_reason(x_hat.dtype)
     if reason is not None:
         raise BackendUnavailableError(
             f"backend 'triton-linear' cannot run on {x_hat.device}: {reason}"
         )
-    value = fused_linear_loss(
+    terms = fused_linear_terms(
         x_hat, w_hat, labels, spec,
         deterministic=DETERMINISTIC if deterministic is None else deterministic,
         filter_eps=FILTER_EPS if filter_eps is None else filter_eps,
         allow_tf32=ALLOW_TF32 if allow_tf32 is None else allow_tf32,
     )
-    return value.to(torch.promote_types(value.dtype, x_hat.dtype))
+    return terms.to(torch.promote_types(terms.dtype, x_hat.dtype))

@@ -1,10 +1,12 @@
 """The ``"triton"`` backend: torch computes ``s = x_hat @ w_hat.T``, Triton kernels do the rest.
 
 The loss kernels (:mod:`mpa_kernels.kernels.similarity`) read ``s`` once forward and once backward
-and write ``ds`` once; autograd takes ``ds`` through the GEMM (``dx = ds @ w``, ``dw = ds^T @ x``)
-and the normalisation. fp16 and bf16 inputs keep their dtype for the GEMMs and for ``s``/``ds``; the
-kernels accumulate in fp32 and return an fp32 loss. fp64 inputs are computed in fp32 (the kernels
-have no fp64 path; fp64 is for checking, not speed) and the loss comes back in fp64.
+and write ``ds`` once; they return the unreduced terms of the contract in
+:mod:`mpa_kernels.backends` (so every reduction; the front end reduces them). Autograd takes ``ds`` through the GEMM
+(``dx = ds @ w``, ``dw = ds^T @ x``) and the normalisation. fp16 and bf16 inputs keep their dtype
+for the GEMMs and for ``s``/``ds``; the kernels accumulate in fp32 and return fp32 terms. fp64
+inputs are computed in fp32 (the kernels have no fp64 path; fp64 is for checking, not speed) and
+the terms come back in fp64.
 
 Runs on CUDA, and on CPU through the Triton interpreter when ``TRITON_INTERPRET=1`` was set before
 Triton was imported (slow; meant for tests).
@@ -50,13 +52,13 @@ def unsupported_reason(spec: LossSpec) -> str | None:
     return proxies_limit_reason(spec, MAX_PROXIES_PER_CLASS)
 
 
-def similarity_loss(
+def similarity_terms(
     x_hat: torch.Tensor, w_hat: torch.Tensor, labels: torch.Tensor, spec: LossSpec
 ) -> torch.Tensor:
-    from mpa_kernels.kernels.similarity import similarity_loss as loss_over_s
+    from mpa_kernels.kernels.similarity import similarity_terms as terms_over_s
 
     compute_dtype = torch.float32 if x_hat.dtype == torch.float64 else x_hat.dtype
     s = (x_hat.to(compute_dtype) @ w_hat.to(compute_dtype).T).contiguous()
-    value = loss_over_s(s, labels, spec.loss, spec.num_classes, spec.proxies_per_class,
-                        spec.similarity, spec.alpha, spec.delta, spec.gamma)
-    return value.to(torch.promote_types(value.dtype, x_hat.dtype))
+    terms = terms_over_s(s, labels, spec.loss, spec.num_classes, spec.proxies_per_class,
+                         spec.similarity, spec.alpha, spec.delta, spec.gamma)
+    return terms.to(torch.promote_types(terms.dtype, x_hat.dtype))

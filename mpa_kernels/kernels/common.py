@@ -24,6 +24,8 @@ The helpers, in the order a kernel uses them:
   sum) along one axis of a 2-D tile of logits; the implicit zero logit of ``log(1 + sum e^z)`` is
   the starting state ``(m, l) = (0, 1)``.
 * :func:`softplus` -- ``log(1 + e^z)``, the log-sum-exp with a zero logit of a single logit.
+* :func:`terms_vjp` -- ``dL/dz`` of a tile from the terms of the backends' contract and their
+  gradient (both backward passes).
 
 Switches are integer codes, the same numbers on the host: :data:`LOSS_CODES` (pass as
 ``tl.constexpr``) and :data:`SIMILARITY_CODES`. The similarity mode ``SIM`` may be a
@@ -197,3 +199,46 @@ def lse_finalize(m, l):
 def softplus(z):
     """``log(1 + e^z)`` without overflow: ``max(z, 0) + log(1 + e^-|z|)``."""
     return tl.maximum(z, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(z)))
+
+
+# Gradient of the terms of the backends' contract (mpa_kernels.backends) with respect to the
+# logits. Each term is a log-sum-exp G over a group of logits z, and dG/dz_j = e^(z_j - G) for a
+# member j, whether or not G has the zero logit. With the upstream gradient g = dL/dterms
+# ([2, N] or [2, C]):
+#   row-wise     member of row i's LSE (no zero logit):   dz_ic = g_lse_i e^(z_ic - lse_i)
+#                MPA-DW's positive, a group of its own,
+#                extra_i = softplus(z_iy) = log(1 + e^z_iy): dz_iy = g_extra_i e^(z_iy - extra_i)
+#                                                              = g_extra_i sigmoid(z_iy)
+#                SoftTriple's positive, extra_i = -z_iy:  -g_extra_i on top of its LSE term
+#                MPA-AP: extra_i = 0, nothing
+#   column-wise  positive of class c:                    dz_ic = g_P_c e^(z_ic - P_c)
+#                negative of class c:                    dz_ic = g_N_c e^(z_ic - N_c)
+#                (P_c and N_c with their zero logit, as the terms hold them)
+# A row whose label is no class has no positive pair, so only its LSE members carry a gradient.
+# Groups are picked with tl.where, never by multiplying with a mask: for a non-member z - G may be
+# +inf (an empty row LSE is -inf), and 0 * inf is NaN.
+@triton.jit
+def terms_vjp(z, is_pos, include, rows, row_ok, cls, cls_ok, N, C, terms_ptr, grad_ptr, LOSS):
+    """``dL/dz`` of a ``[rows, cls]`` tile of logits from the terms (``terms_ptr``, fp32
+    ``[2, N]`` or ``[2, C]``) and their gradient (``grad_ptr``, the same shape); ``include`` marks
+    the members of the row's log-sum-exp (row-wise only). The caller masks the result to the real
+    ``(row, class)`` pairs. ``LOSS`` is a code of :data:`LOSS_CODES`, a ``tl.constexpr`` or a
+    runtime ``i32`` (every branch gives full tiles). Each pair's group ``G`` and coefficient are
+    picked first, so that a tile costs one exponential per pair."""
+    if LOSS == LOSS_MPA:
+        g_pos = tl.load(grad_ptr + cls, mask=cls_ok, other=0.0)[None, :]
+        g_neg = tl.load(grad_ptr + C + cls, mask=cls_ok, other=0.0)[None, :]
+        lse_pos = tl.load(terms_ptr + cls, mask=cls_ok, other=0.0)[None, :]
+        lse_neg = tl.load(terms_ptr + C + cls, mask=cls_ok, other=0.0)[None, :]
+        e = tl.exp(z - tl.where(is_pos, lse_pos, lse_neg))
+        dz = tl.where(is_pos, g_pos * e, g_neg * e)
+    else:
+        g_lse = tl.load(grad_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        g_extra = tl.load(grad_ptr + N + rows, mask=row_ok, other=0.0)[:, None]
+        lse = tl.load(terms_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        extra = tl.load(terms_ptr + N + rows, mask=row_ok, other=0.0)[:, None]
+        dw_pos = is_pos & (LOSS == LOSS_MPA_DW)
+        e = tl.exp(z - tl.where(dw_pos, extra, lse))
+        dz = tl.where(dw_pos, g_extra * e, tl.where(include, g_lse * e, 0.0))
+        dz = tl.where(is_pos & (LOSS == LOSS_SOFT_TRIPLE), dz - g_extra, dz)
+    return dz

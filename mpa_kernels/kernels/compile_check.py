@@ -21,7 +21,7 @@ Each module named in :data:`MODULES` defines ``SPECIALISATIONS``: the variants i
 produce, built by the same function the launchers call (so the list cannot drift from what runs).
 An entry has ``name``, ``kernel`` (the ``@triton.jit`` function), ``signature()`` (Triton's dict:
 runtime argument types, ``"constexpr"`` for constexprs), ``constexprs`` (``(name, value)`` pairs)
-and ``num_warps``; see :class:`mpa_kernels.kernels.similarity.Specialisation`. A new kernel module
+and ``num_warps``; see :class:`mpa_kernels.kernels.launch.Specialisation`. A new kernel module
 joins the check by adding its name to :data:`MODULES`.
 
 ``TRITON_INTERPRET`` must be unset (with it ``@triton.jit`` returns interpreter objects that cannot

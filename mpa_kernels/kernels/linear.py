@@ -50,12 +50,17 @@ Registers bound nearly every variant to one block of 8 warps per SM, which leave
 to the warps of that block and to the loads of the next d chunk; the backward sits closest to
 the budget (up to ~250 registers), so a change there is checked with ``--resources`` first.
 
+The forward returns the terms of the backends' contract (:mod:`mpa_kernels.backends`; the front
+end reduces them), the backward takes their gradient:
+
 * Row-wise family (MPA-DW, MPA-AP, SoftTriple, ProxyNCA): grid (row tiles, splits of the class
-  tiles). Each program runs an online log-sum-exp over its classes and writes one partial LSE per
-  row and split (and the positive's class similarity); the host merges the splits and the
-  implicit zero logit with ``torch.logsumexp``. Splits exist only to fill the GPU when N is small.
+  tiles). Each program runs an online log-sum-exp over its classes and writes, per row and split,
+  the partial LSE (no zero logit) and the positive term outside it (MPA-DW's softplus,
+  SoftTriple's ``-z_iy``); :func:`mpa_kernels.kernels.launch.merge_splits` (one small launch,
+  shared with the kernels over s) merges them into ``(lse, extra)``. Splits exist only to fill the
+  GPU when N is small.
 * Column-wise family (MPA, ProxyAnchor): grid (class tiles, splits of the row tiles); two online
-  LSEs per class (positives, negatives), merged the same way.
+  LSEs per class (positives, negatives), merged the same way into ``(P, N)``, zero logit added.
 * Backward: one kernel, :func:`_backward_kernel`, whose program *owns* a class tile (accumulates
   dw_hat for it, looping over row tiles) or a row tile (dx_hat, looping over class tiles). The
   owned block is read-modified-written in a private fp32 partial buffer, ``d`` chunk by chunk, so
@@ -67,14 +72,14 @@ the budget (up to ~250 registers), so a change there is checked with ``--resourc
 
 The loss, the similarity mode, the owner side and the atomics are runtime switches (uniform
 branches, free next to the dots); only the dtype, TF32, KP and the family's forward kernel are
-compiled variants: :data:`SPECIALISATIONS` lists all 60, and the compile check
-(:mod:`.compile_check`) builds each for sm_80 and sm_90.
+compiled variants: :data:`SPECIALISATIONS` lists all 60 and the 2 of the merge, and the compile
+check (:mod:`.compile_check`) builds each for sm_80 and sm_90.
 
-Options (keyword arguments of :func:`fused_linear_loss`)
---------------------------------------------------------
+Options (keyword arguments of :func:`fused_linear_terms`)
+---------------------------------------------------------
 * ``deterministic`` (default: ``torch.are_deterministic_algorithms_enabled()``): no
   order-dependent atomics; results are bitwise reproducible run to run (the split partials are
-  summed by torch in a fixed order). Cost: the backward recomputes s twice, once per owner side, so
+  merged in a fixed order). Cost: the backward recomputes s twice, once per owner side, so
   forward + backward does 5 GEMM-equivalents instead of 4 (+25 % of the matmul work), plus one
   fp32 partial buffer of ``splits x N x d`` (at most ``SPLIT_SCRATCH_BYTES``). The forward is
   deterministic in both modes (it has no atomics).
@@ -92,34 +97,7 @@ Options (keyword arguments of :func:`fused_linear_loss`)
   skipped classes, and one of dw_hat by at most that times the number of skipped samples. The
   tests check this bound.
 
-  Measured effect (interpreter, fp32, N=64, C=1024, K=2, d=128, 32 x 32 tiles, softmax
-  similarity, embeddings near their class's proxies with classes in groups of 8 related ones, as
-  ``tests/test_triton_linear.py::_clustered`` makes them; alpha=32, delta=0.1 (SoftTriple 20,
-  0.01); "skipped" is the share of backward tiles skipped; errors are max |filtered - exact| over
-  max |exact| per gradient; the loss was bitwise unchanged in every run):
-
-  ===========  ======  =======  ===========  ===========
-  loss         eps     skipped  dx_hat err.  dw_hat err.
-  ===========  ======  =======  ===========  ===========
-  MPA-DW       1e-5    35 %     2.9e-5       1.2e-5
-  MPA-DW       1e-4    58 %     1.5e-4       8.3e-5
-  MPA-DW       1e-3    60 %     5.0e-4       3.9e-4
-  MPA-DW       1e-2    60 %     5.0e-4       3.9e-4
-  MPA-AP       1e-5    35 %     2.9e-5       1.2e-5
-  MPA-AP       1e-3    60 %     5.0e-4       3.9e-4
-  SoftTriple   1e-5    55 %     9.8e-4       1.3e-4
-  SoftTriple   1e-4    60 %     1.2e-3       3.8e-4
-  SoftTriple   1e-3    60 %     1.2e-3       3.8e-4
-  SoftTriple   1e-2    68 %     1.5e-1       1.6e-1
-  MPA          1e-3    0 %      0            0
-  MPA          1e-2    0.8 %    8.0e-3       8.0e-2
-  ===========  ======  =======  ===========  ===========
-
-  The 60 % plateau is the share of tiles without a hard negative (their weights are all below
-  1e-5); what remains are tiles with one, which no small eps skips. SoftTriple at 1e-2 starts
-  dropping hard negatives' weights too, hence its error.
-
-  Reading: the filter pays where the class softmax of a sample is peaked (a few hard negatives,
+  The filter pays where the class softmax of a sample is peaked (a few hard negatives,
   many far classes, large C), as in language-model heads. With proxies and alpha = 32 the
   weights of far classes are ~e^(alpha (S_far - S_hard)), tiny only when the similarity gap is
   large; MPA's class-wise LSE runs over the N samples of a batch, whose weights are ~1/N, so it
@@ -128,7 +106,8 @@ Options (keyword arguments of :func:`fused_linear_loss`)
 * ``allow_tf32`` (default: ``torch.backends.cuda.matmul.allow_tf32``): fp32 inputs use TF32
   tensor cores in ``tl.dot``. fp16/bf16 inputs always use their tensor cores; the class-level
   gradients are rounded to the input dtype for the gradient products (as flash-attention does),
-  after factoring the global scale (g/N or g/|C+|) out so that fp16 does not underflow.
+  after factoring the largest coefficient of the terms' gradient out (g/N or g/|C+| for the
+  mean) so that fp16 does not underflow.
 
 GPU cost model (not yet measured: no GPU was available when this was written)
 -----------------------------------------------------------------------------
@@ -145,7 +124,6 @@ split partials (<= ``SPLIT_SCRATCH_BYTES``): under 0.4 GiB, against 1.6 GiB for 
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -166,8 +144,16 @@ from mpa_kernels.kernels.common import (
     loss_logits,
     lse_finalize,
     online_lse_update,
+    softplus,
+    terms_vjp,
 )
-from mpa_kernels.kernels.similarity import Specialisation
+from mpa_kernels.kernels.launch import (
+    MERGE_SPECIALISATIONS,
+    TRITON_DTYPES,
+    Specialisation,
+    merge_splits,
+    plan_splits,
+)
 
 # The fp32 dw_hat accumulator of one backward launch is at most this large; more proxies than fit
 # are processed in chunks, each cast into the gradient before the next (bounded extra memory).
@@ -244,19 +230,22 @@ def _tile_logits(S, cls, labels, row_mask, C, alpha, delta, loss):
 
 
 # ----------------------------------------------------------------------------------------------
-# Forward kernels. Each program's partial LSEs start empty (m = -inf, l = 0); the host adds the
-# implicit zero logit once when it combines the splits.
+# Forward kernels: the split partials part[2, splits, M] of .launch. Each program's partial LSEs
+# start empty (m = -inf, l = 0); the merge adds the implicit zero logit where the terms have it.
 # ----------------------------------------------------------------------------------------------
 
 
 @triton.jit
 def _row_forward_kernel(
-    x_ptr, w_ptr, labels_ptr, part0_ptr, part1_ptr,
+    x_ptr, w_ptr, labels_ptr, part_ptr,
     N, C, K, D, stride_x, stride_w, tiles_per_split, num_tiles,
     alpha, delta, inv_gamma, SIM, loss,
     KP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """Per row and class range of this split: ``part[0]`` the partial LSE of the logits that enter
+    the row's LSE, ``part[1]`` the positive term outside it (MPA-DW ``softplus(z_iy)``,
+    SoftTriple ``-z_iy``, MPA-AP 0; 0 when the row's label is not in this range)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -264,7 +253,7 @@ def _row_forward_kernel(
     labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_M,), tl.float32)
-    spos = tl.zeros((BLOCK_M,), tl.float32)
+    extra = tl.zeros((BLOCK_M,), tl.float32)
     first = split * tiles_per_split
     for tile in range(first, tl.minimum(first + tiles_per_split, num_tiles)):
         cls, prow, proxy_mask = _columns(tile, C, K, KP, BLOCK_C)
@@ -274,15 +263,21 @@ def _row_forward_kernel(
         z, sign, pos, valid, include = _tile_logits(S, cls, labels, row_mask, C, alpha, delta,
                                                     loss)
         m, l = online_lse_update(m, l, z, include, 1)
-        spos += tl.sum(tl.where(pos & valid, S, 0.0), 1)
-    out = split.to(tl.int64) * N + rows
-    tl.store(part0_ptr + out, lse_finalize(m, l), mask=row_mask)
-    tl.store(part1_ptr + out, spos, mask=row_mask)
+        # A row's one positive: its logit picked out of the tile, then one softplus per row.
+        hit = pos & valid
+        z_pos = tl.sum(tl.where(hit, z, 0.0), 1)
+        found = tl.max(hit.to(tl.int32), 1) > 0
+        term = tl.where(loss == LOSS_MPA_DW, softplus(z_pos),
+                        tl.where(loss == LOSS_SOFT_TRIPLE, -z_pos, 0.0))
+        extra += tl.where(found, term, 0.0)
+    out = part_ptr + split.to(tl.int64) * N + rows
+    tl.store(out, lse_finalize(m, l), mask=row_mask)
+    tl.store(out + tl.num_programs(1).to(tl.int64) * N, extra, mask=row_mask)
 
 
 @triton.jit
 def _column_forward_kernel(
-    x_ptr, w_ptr, labels_ptr, part0_ptr, part1_ptr,
+    x_ptr, w_ptr, labels_ptr, part_ptr,
     N, C, K, D, stride_x, stride_w, tiles_per_split, num_tiles,
     alpha, delta, inv_gamma, SIM, loss,
     KP: tl.constexpr,
@@ -307,48 +302,31 @@ def _column_forward_kernel(
                                                     loss)
         m_pos, l_pos = online_lse_update(m_pos, l_pos, z, valid & pos, 0)
         m_neg, l_neg = online_lse_update(m_neg, l_neg, z, valid & (pos == 0), 0)
-    out = split.to(tl.int64) * C + cls
+    out = part_ptr + split.to(tl.int64) * C + cls
     cls_mask = cls < C
-    tl.store(part0_ptr + out, lse_finalize(m_pos, l_pos), mask=cls_mask)
-    tl.store(part1_ptr + out, lse_finalize(m_neg, l_neg), mask=cls_mask)
+    tl.store(out, lse_finalize(m_pos, l_pos), mask=cls_mask)
+    tl.store(out + tl.num_programs(1).to(tl.int64) * C, lse_finalize(m_neg, l_neg), mask=cls_mask)
 
 
 # ----------------------------------------------------------------------------------------------
 # Backward kernel
 # ----------------------------------------------------------------------------------------------
 
-# Class-level gradients from the saved statistics, in units of ``unit`` (g/N row-wise, g/|C+|
-# column-wise; the host multiplies the result by it, so fp16 never sees g/N-sized values).
-# With common's logits z = alpha (sign S + offset), dz/dS = alpha sign, and a log-sum-exp
-# L = log(sum_j e^z_j) has dL/dz_j = e^(z_j - L); so every LSE term gives alpha sign e^(z - L).
-#   row-wise, L = lse_i (saved; with the zero logit for MPA-DW / MPA-AP), unit g/N:
-#     MPA-DW:  the negatives' LSE term, plus for c = y the softplus term
-#              d/dS softplus(-alpha (S - delta)) = -alpha sigmoid(-alpha (S_iy - delta)) = coef_i;
-#     MPA-AP:  the LSE term only (the positive's sign is -1), coef_i = 0;
-#     CE:      alpha (p_ic - [c = y]): the LSE term and coef_i = -alpha.
-#   column-wise, L = sum_c P_c / |C+| + sum_c N_c / C, unit g/|C+|:
-#     positives -alpha e^(z - P_c), negatives alpha (|C+| / C) e^(z - N_c); the host folds
-#     |C+| / C into the negatives' statistic: stat1_c = N_c - log(|C+| / C). coef = 0.
+# Class-level gradients dL/dS of a tile from the terms (saved by the forward) and their gradient g,
+# the latter divided by ``unit`` = max |g| (the host multiplies the result back, so that fp16
+# never sees g/N-sized values): dL/dz from common.terms_vjp (its derivation is written there,
+# shared with the kernels over s), and dz/dS = alpha sign (common.loss_logits).
 @triton.jit
-def _class_grad(S, cls, rows, labels, row_mask, C, stat0_ptr, stat1_ptr, alpha, delta, loss):
+def _class_grad(S, cls, rows, labels, row_mask, N, C, terms_ptr, grad_ptr, alpha, delta, loss):
     z, sign, pos, valid, include = _tile_logits(S, cls, labels, row_mask, C, alpha, delta, loss)
-    if loss == LOSS_MPA:
-        cls_mask = cls < C
-        lse_pos = tl.load(stat0_ptr + cls, mask=cls_mask, other=0.0)
-        lse_neg = tl.load(stat1_ptr + cls, mask=cls_mask, other=0.0)
-        lse = tl.where(pos, lse_pos[None, :], lse_neg[None, :])
-        coef = tl.zeros_like(S)
-    else:
-        # Full tiles: both branches of a runtime switch must give the same shapes.
-        lse = tl.load(stat0_ptr + rows, mask=row_mask, other=0.0)[:, None] + tl.zeros_like(S)
-        coef = tl.where(pos, tl.load(stat1_ptr + rows, mask=row_mask, other=0.0)[:, None], 0.0)
-    dS = tl.where(include, alpha * sign * tl.exp(z - lse), 0.0)
-    return tl.where(valid, dS + coef, 0.0)
+    dz = terms_vjp(z, pos, include, rows, row_mask, cls, cls < C, N, C, terms_ptr, grad_ptr,
+                   loss)
+    return tl.where(valid, alpha * sign * dz, 0.0)
 
 
 @triton.jit
 def _backward_kernel(
-    x_ptr, w_ptr, labels_ptr, stat0_ptr, stat1_ptr, own_ptr, dx_ptr,
+    x_ptr, w_ptr, labels_ptr, terms_ptr, grad_ptr, own_ptr, dx_ptr,
     N, C, K, D, stride_x, stride_w, first_own_tile, own_rows, tiles_per_split, num_loop_tiles,
     alpha, delta, inv_gamma, SIM, loss, filter_threshold, own_columns, atomic_dx,
     KP: tl.constexpr,
@@ -384,14 +362,15 @@ def _backward_kernel(
         s = _similarity_tile(x_ptr, w_ptr, rows, row_mask, prow, proxy_mask, D, stride_x,
                              stride_w, BLOCK_M, BLOCK_C * KP, BLOCK_D, PRECISION)
         s3, S, q = _class_tile(s, inv_gamma, K, SIM, KP, BLOCK_M, BLOCK_C)
-        dS = _class_grad(S, cls, rows, labels, row_mask, C, stat0_ptr, stat1_ptr, alpha, delta,
+        dS = _class_grad(S, cls, rows, labels, row_mask, N, C, terms_ptr, grad_ptr, alpha, delta,
                          loss)
         # Gradient filtering: with threshold 0 every tile passes (bitwise the unfiltered result).
         if tl.max(tl.max(tl.abs(dS), 1), 0) >= filter_threshold:
             ds = tl.reshape(class_similarity_vjp(s3, q, S, dS, inv_gamma, SIM),
                             (BLOCK_M, BLOCK_C * KP))
             # Rounded to the input dtype for the tensor cores (flash-attention does the same);
-            # dS is in units of g/N or g/|C+|, O(alpha), so fp16 neither under- nor overflows.
+            # dS is in units of max |g| (g/N or g/|C+| for the mean), O(alpha), so fp16 neither
+            # under- nor overflows.
             ds = ds.to(x_ptr.dtype.element_ty)
             x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x
             w_rows = w_ptr + prow[:, None] * stride_w
@@ -428,19 +407,18 @@ def _backward_kernel(
 # A class's K proxies live in one tile. The paper uses K <= 16; each doubling of the bound adds 12
 # compiled variants (the compile check builds every one for two architectures in CI).
 MAX_PROXIES_PER_CLASS = 16
-_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # The register budget a thread of these kernels gets (ptxas's .maxnreg): the hardware's 255. Left
 # to itself, ptxas sometimes aims at 128, two blocks of 8 warps per SM, and spills to get there.
 MAX_REGISTERS = 255
 _FORWARD_ARGS = (
-    ("x_ptr", "*S"), ("w_ptr", "*S"), ("labels_ptr", "*i64"), ("part0_ptr", "*fp32"),
-    ("part1_ptr", "*fp32"), ("N", "i32"), ("C", "i32"), ("K", "i32"), ("D", "i32"),
+    ("x_ptr", "*S"), ("w_ptr", "*S"), ("labels_ptr", "*i64"), ("part_ptr", "*fp32"),
+    ("N", "i32"), ("C", "i32"), ("K", "i32"), ("D", "i32"),
     ("stride_x", "i32"), ("stride_w", "i32"), ("tiles_per_split", "i32"), ("num_tiles", "i32"),
     ("alpha", "fp32"), ("delta", "fp32"), ("inv_gamma", "fp32"), ("SIM", "i32"), ("loss", "i32"),
 )
 _BACKWARD_ARGS = (
-    ("x_ptr", "*S"), ("w_ptr", "*S"), ("labels_ptr", "*i64"), ("stat0_ptr", "*fp32"),
-    ("stat1_ptr", "*fp32"), ("own_ptr", "*fp32"), ("dx_ptr", "*fp32"), ("N", "i32"),
+    ("x_ptr", "*S"), ("w_ptr", "*S"), ("labels_ptr", "*i64"), ("terms_ptr", "*fp32"),
+    ("grad_ptr", "*fp32"), ("own_ptr", "*fp32"), ("dx_ptr", "*fp32"), ("N", "i32"),
     ("C", "i32"), ("K", "i32"), ("D", "i32"), ("stride_x", "i32"), ("stride_w", "i32"),
     ("first_own_tile", "i32"), ("own_rows", "i32"), ("tiles_per_split", "i32"),
     ("num_loop_tiles", "i32"), ("alpha", "fp32"), ("delta", "fp32"), ("inv_gamma", "fp32"),
@@ -476,7 +454,7 @@ def specialisation(kind: str, loss: str, proxies_per_class: int, dtype: torch.dt
             f"the triton-linear backend supports up to {MAX_PROXIES_PER_CLASS} proxies per "
             f"class, got {proxies_per_class}; use backend='torch' or 'reference'"
         )
-    if dtype not in _TRITON_DTYPES:
+    if dtype not in TRITON_DTYPES:
         raise TypeError(f"the triton-linear kernels take fp32, fp16 or bf16 inputs, got {dtype}")
     interpret = triton_interpreting() if interpret is None else interpret
     kp = triton.next_power_of_2(proxies_per_class)
@@ -491,16 +469,17 @@ def specialisation(kind: str, loss: str, proxies_per_class: int, dtype: torch.dt
         kernel, args = _backward_kernel, _BACKWARD_ARGS
     constexprs += (("BLOCK_M", block_m), ("BLOCK_C", max(1, columns // kp)),
                    ("BLOCK_D", block_d), ("PRECISION", precision))
-    name = f"{kernel.__name__}[KP={kp},{_TRITON_DTYPES[dtype]},{precision}]"
-    arg_types = tuple((arg, t.replace("S", _TRITON_DTYPES[dtype])) for arg, t in args)
+    name = f"{kernel.__name__}[KP={kp},{TRITON_DTYPES[dtype]},{precision}]"
+    arg_types = tuple((arg, t.replace("S", TRITON_DTYPES[dtype])) for arg, t in args)
     return Specialisation(name, kernel, arg_types, constexprs, warps, stages, MAX_REGISTERS)
 
 
 def _enumerate_specialisations() -> tuple:
-    """Every GPU specialisation the launchers can produce (what the compile check builds)."""
-    out = {}
+    """Every GPU specialisation the launchers can produce (what the compile check builds), the
+    merge of the split partials (:mod:`.launch`) included."""
+    out = {sp.name: sp for sp in MERGE_SPECIALISATIONS}
     k_values = [1 << i for i in range(MAX_PROXIES_PER_CLASS.bit_length())]
-    for dtype in _TRITON_DTYPES:
+    for dtype in TRITON_DTYPES:
         for tf32 in ((False, True) if dtype == torch.float32 else (False,)):
             for loss in ("mpa_dw", "mpa"):  # one loss of each family: the code is a runtime switch
                 for kind in KINDS:
@@ -515,30 +494,11 @@ SPECIALISATIONS = _enumerate_specialisations()
 
 @dataclass(frozen=True)
 class Options:
-    """The knobs of :func:`fused_linear_loss`, resolved (no ``None`` left)."""
+    """The knobs of :func:`fused_linear_terms`, resolved (no ``None`` left)."""
 
     deterministic: bool
     filter_eps: float
     allow_tf32: bool
-
-
-def _target_programs(device: torch.device) -> int:
-    """Enough programs to fill the GPU (4 per SM); under the interpreter a few, so splits happen."""
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
-def _splits(num_own: int, num_loop: int, target: int, max_splits: int) -> tuple[int, int]:
-    """Split the loop side in ``splits`` ranges of ``per_split`` tiles so that about ``target``
-    programs run; none of the ranges is empty."""
-    splits = max(1, min(num_loop, -(-target // num_own), max_splits))
-    per_split = -(-num_loop // splits)
-    return -(-num_loop // per_split), per_split
-
-
-def _device_guard(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _blocks(sp: Specialisation) -> tuple[int, int]:
@@ -546,53 +506,34 @@ def _blocks(sp: Specialisation) -> tuple[int, int]:
     return constexprs["BLOCK_M"], constexprs["BLOCK_C"]
 
 
+def _column_wise(spec: LossSpec) -> bool:
+    return LOSS_CODES[spec.loss] == LOSS_MPA.value
+
+
 def fused_linear_forward(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, spec: LossSpec,
-                         options: Options):
-    """The loss (fp32 scalar) and what the backward needs: two statistic vectors and the
-    denominator ``unit_den`` of the gradient unit (N row-wise, |C+| column-wise)."""
+                         options: Options) -> torch.Tensor:
+    """The terms of the backends' contract (:mod:`mpa_kernels.backends`), fp32: ``(2, N)``
+    (``lse``, ``extra``) row-wise, ``(2, C)`` (``P``, ``N``) column-wise. ``labels`` may lie
+    outside ``[0, C)`` (no positive class). Two launches: the forward and the merge of its
+    split partials."""
     n, d = x.shape
     c, k = spec.num_classes, spec.proxies_per_class
     sp = specialisation("forward", spec.loss, k, x.dtype, options.allow_tf32)
     block_m, block_c = _blocks(sp)
     row_tiles, class_tiles = triton.cdiv(n, block_m), triton.cdiv(c, block_c)
-    column_wise = LOSS_CODES[spec.loss] == LOSS_MPA.value
+    column_wise = _column_wise(spec)
     own, loop, length = (class_tiles, row_tiles, c) if column_wise else (row_tiles, class_tiles, n)
-    splits, per_split = _splits(own, loop, _target_programs(x.device),
-                                max(1, SPLIT_SCRATCH_BYTES // (8 * length)))
+    splits, per_split = plan_splits(own, loop, x.device,
+                                    max(1, SPLIT_SCRATCH_BYTES // (8 * length)))
     part = torch.empty(2, splits, length, dtype=torch.float32, device=x.device)
-    with _device_guard(x.device):
-        sp.launch((own, splits), x, w, labels, part[0], part[1], n, c, k, d, x.stride(0),
-                  w.stride(0), per_split, loop, spec.alpha, spec.delta, 1.0 / spec.gamma,
-                  SIMILARITY_CODES[spec.similarity], LOSS_CODES[spec.loss])
-    zero = torch.zeros((), dtype=torch.float32, device=x.device)
-    if column_wise:
-        # P_c and N_c: every MPA log-sum-exp has the zero logit.
-        P, Nc = torch.logaddexp(torch.logsumexp(part, 1), zero)
-        # index_fill_, not bincount: bincount has no deterministic CUDA implementation.
-        present = torch.zeros(c, dtype=torch.bool, device=x.device).index_fill_(0, labels, True)
-        num_present = present.sum().to(torch.float32)
-        loss = P.sum() / num_present + Nc.sum() / c
-        return loss, (P, Nc - torch.log(num_present / c)), num_present
-    lse = torch.logsumexp(part[0], 0)
-    spos = part[1].sum(0)
-    code = LOSS_CODES[spec.loss]
-    if code == LOSS_SOFT_TRIPLE.value:
-        per_row = lse - spec.alpha * (spos - spec.delta)
-        coef = torch.full_like(spos, -spec.alpha)
-    else:
-        lse = torch.logaddexp(lse, zero)
-        if code == LOSS_MPA_DW.value:
-            margin = -spec.alpha * (spos - spec.delta)
-            per_row = torch.nn.functional.softplus(margin) + lse
-            coef = -spec.alpha * torch.sigmoid(margin)
-        else:
-            per_row = lse
-            coef = torch.zeros_like(spos)
-    return per_row.mean(), (lse, coef), zero + n
+    sp.launch((own, splits), x, w, labels, part, n, c, k, d, x.stride(0), w.stride(0), per_split,
+              loop, spec.alpha, spec.delta, 1.0 / spec.gamma, SIMILARITY_CODES[spec.similarity],
+              LOSS_CODES[spec.loss])
+    return merge_splits(part, column_wise)
 
 
-def _launch_backward(own_columns, x, w, labels, stats, spec, options, own_tiles, first_own_tile,
-                     own_rows, atomic_dx, max_bytes):
+def _launch_backward(own_columns, x, w, labels, terms, grad, spec, options, own_tiles,
+                     first_own_tile, own_rows, atomic_dx, max_bytes):
     """One launch of :func:`_backward_kernel` owning ``own_tiles`` class tiles (``own_columns``)
     or row tiles from ``first_own_tile``; returns the owned gradient in kernel units (fp32,
     splits summed in a fixed order)."""
@@ -601,10 +542,10 @@ def _launch_backward(own_columns, x, w, labels, stats, spec, options, own_tiles,
     sp = specialisation("backward", spec.loss, k, x.dtype, options.allow_tf32)
     block_m, block_c = _blocks(sp)
     num_loop = triton.cdiv(n, block_m) if own_columns else triton.cdiv(c, block_c)
-    splits, per_split = _splits(own_tiles, num_loop, _target_programs(x.device),
-                                max(1, max_bytes // (4 * d * own_rows)))
+    splits, per_split = plan_splits(own_tiles, num_loop, x.device,
+                                    max(1, max_bytes // (4 * d * own_rows)))
     own = torch.zeros(splits, own_rows, d, dtype=torch.float32, device=x.device)
-    sp.launch((own_tiles, splits), x, w, labels, stats[0], stats[1], own,
+    sp.launch((own_tiles, splits), x, w, labels, terms, grad, own,
               own if atomic_dx is None else atomic_dx, n, c, k, d, x.stride(0), w.stride(0),
               first_own_tile, own_rows, per_split, num_loop, spec.alpha, spec.delta,
               1.0 / spec.gamma, SIMILARITY_CODES[spec.similarity], LOSS_CODES[spec.loss],
@@ -612,33 +553,39 @@ def _launch_backward(own_columns, x, w, labels, stats, spec, options, own_tiles,
     return own[0] if splits == 1 else own.sum(0)
 
 
-def fused_linear_backward(x, w, labels, stats, unit, spec: LossSpec, options: Options):
-    """dx_hat and dw_hat (in the inputs' dtypes) for a loss gradient of ``unit`` kernel units.
+def fused_linear_backward(grad, x, w, labels, terms, spec: LossSpec, options: Options):
+    """dx_hat and dw_hat (in the inputs' dtypes) from the gradient ``grad`` of the terms (their
+    shape) and the terms.
 
-    Default: one launch owns class tiles (dw_hat) and atomically adds dx_hat. Deterministic: a
-    launch owning row tiles (dx_hat) and one owning class tiles (dw_hat), no atomics. dw_hat is
-    produced in chunks of whole class tiles, each accumulated in fp32 and cast at once, so the
-    fp32 scratch stays under ``DW_SCRATCH_BYTES`` whatever C is."""
+    The kernels see ``grad / unit`` with ``unit = max |grad|`` (g/N or g/|C+| for the mean) and
+    the owned gradients are multiplied by ``unit`` at the end, so that the class-level gradients
+    rounded to fp16/bf16 for the gradient products are O(alpha), and ``filter_eps`` is relative
+    to the largest coefficient. Default: one launch owns class tiles (dw_hat) and atomically adds
+    dx_hat. Deterministic: a launch owning row tiles (dx_hat) and one owning class tiles
+    (dw_hat), no atomics. dw_hat is produced in chunks of whole class tiles, each accumulated in
+    fp32 and cast at once, so the fp32 scratch stays under ``DW_SCRATCH_BYTES`` whatever C is."""
     n, d = x.shape
     c, k = spec.num_classes, spec.proxies_per_class
+    grad = grad.to(torch.float32)
+    unit = grad.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
+    grad = (grad / unit).contiguous()
     block_m, block_c = _blocks(specialisation("backward", spec.loss, k, x.dtype))
-    with _device_guard(x.device):
-        if options.deterministic:
-            dx32 = _launch_backward(False, x, w, labels, stats, spec, options,
-                                    triton.cdiv(n, block_m), 0, n, None, SPLIT_SCRATCH_BYTES)
-            atomic_dx = None
-        else:
-            dx32 = atomic_dx = torch.zeros(n, d, dtype=torch.float32, device=x.device)
-        dw = torch.empty_like(w)
-        class_tiles = triton.cdiv(c, block_c)
-        tile_rows = block_c * k
-        chunk_tiles = max(1, DW_SCRATCH_BYTES // (4 * d * tile_rows))
-        for first in range(0, class_tiles, chunk_tiles):
-            tiles = min(chunk_tiles, class_tiles - first)
-            rows = min(tiles * tile_rows, c * k - first * tile_rows)
-            part = _launch_backward(True, x, w, labels, stats, spec, options, tiles, first,
-                                    rows, atomic_dx, DW_SCRATCH_BYTES)
-            dw[first * tile_rows:first * tile_rows + rows] = (part * unit).to(w.dtype)
+    if options.deterministic:
+        dx32 = _launch_backward(False, x, w, labels, terms, grad, spec, options,
+                                triton.cdiv(n, block_m), 0, n, None, SPLIT_SCRATCH_BYTES)
+        atomic_dx = None
+    else:
+        dx32 = atomic_dx = torch.zeros(n, d, dtype=torch.float32, device=x.device)
+    dw = torch.empty_like(w)
+    class_tiles = triton.cdiv(c, block_c)
+    tile_rows = block_c * k
+    chunk_tiles = max(1, DW_SCRATCH_BYTES // (4 * d * tile_rows))
+    for first in range(0, class_tiles, chunk_tiles):
+        tiles = min(chunk_tiles, class_tiles - first)
+        rows = min(tiles * tile_rows, c * k - first * tile_rows)
+        part = _launch_backward(True, x, w, labels, terms, grad, spec, options, tiles, first,
+                                rows, atomic_dx, DW_SCRATCH_BYTES)
+        dw[first * tile_rows:first * tile_rows + rows] = (part * unit).to(w.dtype)
     return (dx32 * unit).to(x.dtype), dw
 
 
@@ -646,66 +593,58 @@ def fused_linear_backward(x, w, labels, stats, unit, spec: LossSpec, options: Op
 # autograd goes through register_autograd (what a thin autograd.Function would do). The LossSpec
 # and the options travel as plain scalars, which is what an operator schema takes.
 
-@torch.library.custom_op("mpa_kernels::linear_loss", mutates_args=())
-def _linear_loss_op(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, loss: str,
-                    num_classes: int, proxies_per_class: int, similarity: str, alpha: float,
-                    delta: float, gamma: float, deterministic: bool, filter_eps: float,
-                    allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                               torch.Tensor]:
+@torch.library.custom_op("mpa_kernels::linear_terms", mutates_args=())
+def _linear_terms_op(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, loss: str,
+                     num_classes: int, proxies_per_class: int, similarity: str, alpha: float,
+                     delta: float, gamma: float, deterministic: bool, filter_eps: float,
+                     allow_tf32: bool) -> torch.Tensor:
     spec = LossSpec(loss, num_classes, proxies_per_class, alpha, delta, gamma, similarity)
-    value, (stat0, stat1), unit_den = fused_linear_forward(
-        x, w, labels, spec, Options(deterministic, filter_eps, allow_tf32))
-    return value, stat0, stat1, unit_den
+    return fused_linear_forward(x, w, labels, spec, Options(deterministic, filter_eps, allow_tf32))
 
 
-@_linear_loss_op.register_fake
+@_linear_terms_op.register_fake
 def _(x, w, labels, loss, num_classes, proxies_per_class, similarity, alpha, delta, gamma,
       deterministic, filter_eps, allow_tf32):
     length = num_classes if LOSS_CODES[loss] == LOSS_MPA.value else x.shape[0]
-    f32 = dict(dtype=torch.float32)
-    return (x.new_empty((), **f32), x.new_empty((length,), **f32),
-            x.new_empty((length,), **f32), x.new_empty((), **f32))
+    return x.new_empty((2, length), dtype=torch.float32)
 
 
-@torch.library.custom_op("mpa_kernels::linear_loss_backward", mutates_args=())
-def _linear_loss_backward_op(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
-                             labels: torch.Tensor, stat0: torch.Tensor, stat1: torch.Tensor,
-                             unit_den: torch.Tensor, loss: str, num_classes: int,
-                             proxies_per_class: int, similarity: str, alpha: float, delta: float,
-                             gamma: float, deterministic: bool, filter_eps: float,
-                             allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("mpa_kernels::linear_terms_backward", mutates_args=())
+def _linear_terms_backward_op(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                              labels: torch.Tensor, terms: torch.Tensor, loss: str,
+                              num_classes: int, proxies_per_class: int, similarity: str,
+                              alpha: float, delta: float, gamma: float, deterministic: bool,
+                              filter_eps: float,
+                              allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:
     spec = LossSpec(loss, num_classes, proxies_per_class, alpha, delta, gamma, similarity)
-    unit = grad.to(torch.float32) / unit_den
-    return fused_linear_backward(x, w, labels, (stat0, stat1), unit, spec,
+    return fused_linear_backward(grad, x, w, labels, terms, spec,
                                  Options(deterministic, filter_eps, allow_tf32))
 
 
-@_linear_loss_backward_op.register_fake
-def _(grad, x, w, labels, stat0, stat1, unit_den, *hyper):
+@_linear_terms_backward_op.register_fake
+def _(grad, x, w, labels, terms, *hyper):
     return torch.empty_like(x), torch.empty_like(w)
 
 
 def _setup_context(ctx, inputs, output):
     x, w, labels, *hyper = inputs
-    _, stat0, stat1, unit_den = output
-    ctx.save_for_backward(x, w, labels, stat0, stat1, unit_den)
+    ctx.save_for_backward(x, w, labels, output)
     ctx.hyper = hyper
-    ctx.mark_non_differentiable(stat0, stat1, unit_den)
 
 
-def _backward(ctx, grad, _grad_stat0, _grad_stat1, _grad_unit_den):
-    dx, dw = _linear_loss_backward_op(grad, *ctx.saved_tensors, *ctx.hyper)
+def _backward(ctx, grad):
+    dx, dw = _linear_terms_backward_op(grad, *ctx.saved_tensors, *ctx.hyper)
     return (dx, dw) + (None,) * (1 + len(ctx.hyper))
 
 
-_linear_loss_op.register_autograd(_backward, setup_context=_setup_context)
+_linear_terms_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def fused_linear_loss(x_hat: torch.Tensor, w_hat: torch.Tensor, labels: torch.Tensor,
-                      spec: LossSpec, *, deterministic: bool | None = None,
-                      filter_eps: float = 0.0, allow_tf32: bool | None = None) -> torch.Tensor:
-    """The similarity term of ``spec.loss`` from normalised ``x_hat`` (N, d) and ``w_hat``
-    (C*K, d), as an fp32 scalar differentiable in both.
+def fused_linear_terms(x_hat: torch.Tensor, w_hat: torch.Tensor, labels: torch.Tensor,
+                       spec: LossSpec, *, deterministic: bool | None = None,
+                       filter_eps: float = 0.0, allow_tf32: bool | None = None) -> torch.Tensor:
+    """The fp32 terms (see :func:`fused_linear_forward`) of ``spec.loss`` from normalised
+    ``x_hat`` (N, d) and ``w_hat`` (C*K, d), differentiable in both.
 
     ``deterministic=None`` follows ``torch.are_deterministic_algorithms_enabled()``;
     ``allow_tf32=None`` follows ``torch.backends.cuda.matmul.allow_tf32``; ``filter_eps`` is
@@ -721,13 +660,12 @@ def fused_linear_loss(x_hat: torch.Tensor, w_hat: torch.Tensor, labels: torch.Te
         float(filter_eps),
         torch.backends.cuda.matmul.allow_tf32 if allow_tf32 is None else bool(allow_tf32),
     )
-    if x_hat.dtype not in _TRITON_DTYPES:
+    if x_hat.dtype not in TRITON_DTYPES:
         # fp64 is computed in fp32 (Triton's dot has no fp64 path; fp64 is for checking).
         x_hat, w_hat = x_hat.float(), w_hat.float()
     elif w_hat.dtype != x_hat.dtype:
         w_hat = w_hat.to(x_hat.dtype)
-    value, _, _, _ = _linear_loss_op(
+    return _linear_terms_op(
         x_hat.contiguous(), w_hat.contiguous(), labels.long().contiguous(), spec.loss,
         spec.num_classes, spec.proxies_per_class, spec.similarity, spec.alpha, spec.delta,
         spec.gamma, options.deterministic, options.filter_eps, options.allow_tf32)
-    return value
