@@ -1,8 +1,9 @@
 """The chunked CPU backend (``backend="torch"``) against the reference backend.
 
-Every loss, every similarity mode, the odd-shape grid of GUIDE.md, and chunk budgets small enough
-that the class sweep runs in many chunks (one class per chunk, and two with a ragged last one); the
-tests that run with the default budget cover the single-chunk case. Through the API the backend gets
+Every loss, every similarity mode, the odd-shape grid (N = 1, C not a power of two, K in
+{1, 2, 3, 10}, absent classes), and chunk budgets small enough that the class sweep runs in many
+chunks (one class per chunk, and two with a ragged last one); the tests that run with the default
+budget cover the single-chunk case. Through the API the backend gets
 raw proxies (``proxy_loss``: normalisation and regulariser fused into its sweep), so the proxies
 are given norms far from one; ``similarity_loss`` (unit proxies) is checked on its own. The
 unreduced terms (``proxy_terms``, ``similarity_terms``) are checked against a plain computation of

@@ -1,4 +1,4 @@
-"""Ladder step 3 of GUIDE.md: every kernel specialisation the library can launch compiles for sm_80
+"""Without a GPU: every kernel specialisation the library can launch compiles for sm_80
 and sm_90 without a GPU, fp32, fp16 and bf16, and none of them spills registers to local memory.
 
 The compile runs in a subprocess because conftest.py sets ``TRITON_INTERPRET=1`` for this process,

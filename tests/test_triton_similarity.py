@@ -30,7 +30,7 @@ LOSSES = {
 }
 SIMILARITIES = ("softmax", "max", "mean")
 KS = (1, 2, 3, 10)
-# The odd-shape grid of GUIDE.md: N = 1, N not a multiple of the 16-row block, C not a power of two.
+# The odd-shape grid: N = 1, N not a multiple of the 16-row block, C not a power of two.
 SHAPES = ((1, 3), (17, 7), (33, 13), (5, 11))
 # Relative error bounds (max |diff| / max |reference|) through the public API: fp32 is exact up to
 # rounding; with fp16/bf16 the normalisation, both GEMMs, s and ds are rounded to 11/8 significant

@@ -1,6 +1,6 @@
 """Compile every kernel specialisation the library can launch, for sm_80 and sm_90, without a GPU.
 
-Ladder step 3 of GUIDE.md: Triton compiles for a CUDA target with no GPU present, which catches
+The third rung of the verification ladder (after the reference and the interpreter): Triton compiles for a CUDA target with no GPU present, which catches
 what the interpreter forgives (dtype rules, layouts, register and shared-memory limits reported by
 ptxas). Run it as::
 

@@ -8,7 +8,7 @@ backward pass, which takes the terms' gradient and writes ``ds`` once. The intra
 over the K proxies, margins, ``alpha`` and the log-sum-exps stay in registers, in fp32 whatever
 the input dtype.
 
-Kernels follow the two families of GUIDE.md:
+Kernels follow the losses' two families (one log-sum-exp per sample, or two per class):
 
 * ``_row_forward_kernel`` (MPA-DW, MPA-AP, SoftTriple, ProxyNCA): a program owns ``BLOCK_N`` rows
   and sweeps a range of classes with an online log-sum-exp per row;
