@@ -34,7 +34,7 @@ import torch.multiprocessing as mp
 
 from . import measure
 from .runner import environment
-from mpa_kernels.parallel import ClassParallelLoss, CommCounter, class_ranges
+from mpa_kernels.parallel import ClassParallelLoss, CommCounter
 
 # C = 1e6 is the point of the exercise; the control shares its N and d at 1 % of the classes, so
 # that equal bytes per step at both show the traffic does not depend on C. The reference path

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 import mpa_kernels.functional as F
-import reference
 from mpa_kernels._spec import LossSpec
 from mpa_kernels.backends import BackendUnavailableError, resolve
 from mpa_kernels.backends import reference as reference_backend

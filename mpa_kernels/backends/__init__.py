@@ -63,13 +63,13 @@ costs nothing until it is asked for, and then fails with a message that says why
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 from types import ModuleType
 
 import torch
 
 from mpa_kernels._spec import LossSpec
+from mpa_kernels.kernels import triton_interpreting  # noqa: F401  (part of this module's API)
 
 BACKENDS = ("reference", "torch", "triton", "triton-linear", "auto")
 
@@ -103,11 +103,6 @@ def _load(name: str) -> ModuleType | None:
         if err.name == _MODULES[name]:
             return None
         raise
-
-
-def triton_interpreting() -> bool:
-    """Whether Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def computes_terms(module: ModuleType) -> bool:

@@ -68,7 +68,9 @@ import torch.nn.functional as F
 
 from mpa_kernels._spec import LossSpec
 # The front end's constants, so that the fused normalisation and regulariser are the unfused ones.
-from mpa_kernels.functional import _NORM_EPS, _REGULARIZER_EPS, reduce_terms
+from mpa_kernels._checks import NORM_EPS as _NORM_EPS
+from mpa_kernels._terms import REGULARIZER_EPS as _REGULARIZER_EPS
+from mpa_kernels._terms import reduce_terms
 
 LOW_PRECISION = False
 

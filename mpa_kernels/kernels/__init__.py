@@ -6,3 +6,10 @@ record, split planning and the merge of split partials into terms) and :mod:`.co
 
 Importing this package imports no Triton module, so that the library loads where Triton is absent.
 """
+
+import os
+
+
+def triton_interpreting() -> bool:
+    """Whether Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -39,7 +39,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from mpa_kernels.backends import triton_interpreting
+from mpa_kernels.kernels import triton_interpreting
 
 
 def _interpreter_scalar_index() -> None:

@@ -132,7 +132,7 @@ import triton
 import triton.language as tl
 
 from mpa_kernels._spec import LossSpec
-from mpa_kernels.backends import triton_interpreting
+from mpa_kernels.kernels import triton_interpreting
 from mpa_kernels.kernels.common import (
     LOSS_CODES,
     LOSS_MPA,
