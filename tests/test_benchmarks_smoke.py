@@ -98,3 +98,17 @@ def test_case_inputs_require_grad():
     case = Case.make("proxy_nca", SHAPES["tiny"], torch.float32, torch.device("cpu"))
     assert case.shape.k == 1 and case.proxies.shape == (SHAPES["tiny"].c, SHAPES["tiny"].d)
     assert case.embeddings.requires_grad and case.proxies.requires_grad
+
+
+def test_torch_backend_against_a_revision(tmp_path):
+    """The before/after tool loads the backend of a git revision beside this checkout's and writes
+    one row per loss and shape; against HEAD (this commit's file) it times the same code twice."""
+    from benchmarks import torch_backend_revisions
+
+    assert torch_backend_revisions.main(["--against", "HEAD", "--shapes", "tiny", "--losses",
+                                         "mpa,mpa_dw", "--repeats", "1", "--out",
+                                         str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("torch-backend-*-vs-HEAD.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["loss"], r["shape"]) for r in rows] == [("mpa", "tiny"), ("mpa_dw", "tiny")]
+    assert all(r["before_s"] > 0 and r["after_s"] > 0 for r in rows)

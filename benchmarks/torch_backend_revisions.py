@@ -1,0 +1,101 @@
+"""The ``"torch"`` backend of this checkout against the same backend at another git revision, side by
+side in one process, one thread: forward + backward medians and their ratio, per loss and shape.
+
+    python -m benchmarks.torch_backend_revisions --against eceb071 --out benchmarks/results
+
+The other revision's ``mpa_kernels/backends/torch_chunked.py`` is loaded as a stand-alone module
+(its entry point ``proxy_loss(x_hat, proxies, labels, spec, tau)`` has kept its signature), so
+both run against this checkout's front end, spec and normalisation. The calls alternate, so load
+on a shared machine affects both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from mpa_kernels._spec import LossSpec
+from mpa_kernels.backends import torch_chunked
+from mpa_kernels.functional import unit_rows
+
+from .shapes import SHAPES
+
+LOSSES = ("mpa", "mpa_dw", "mpa_ap", "soft_triple", "proxy_anchor", "proxy_nca")
+
+
+def _module_at(rev: str):
+    source = subprocess.run(["git", "show", f"{rev}:mpa_kernels/backends/torch_chunked.py"],
+                            check=True, capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / "torch_chunked_at_rev.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("torch_chunked_at_rev", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _time(module, x, w, y, spec, tau) -> float:
+    xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+    start = time.perf_counter()
+    module.proxy_loss(unit_rows(xx), ww, y, spec, tau).backward()
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--against", required=True, help="git revision to compare with")
+    parser.add_argument("--shapes", default="cub,sop32,sop256,cpu-target")
+    parser.add_argument("--losses", default=",".join(LOSSES))
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--out", default="benchmark-results")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    old = _module_at(args.against)
+    shapes = SHAPES
+    rows = []
+    for shape_name in args.shapes.split(","):
+        shape = shapes[shape_name]
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(shape.n, shape.d, generator=gen)
+        y = torch.randint(0, shape.c, (shape.n,), generator=gen)
+        for loss in args.losses.split(","):
+            k = 1 if loss in ("proxy_anchor", "proxy_nca") else shape.k
+            w = torch.randn(shape.c * k, shape.d, generator=gen)
+            spec = LossSpec(loss, shape.c, k, 18.0 if loss == "proxy_nca" else 32.0,
+                            0.0 if loss == "proxy_nca" else 0.1)
+            tau = 0.2 if k > 1 else 0.0
+            times = {"before": [], "after": []}
+            for _ in range(args.repeats + 1):  # the first round warms up
+                for tag, module in (("before", old), ("after", torch_chunked)):
+                    times[tag].append(_time(module, x, w, y, spec, tau))
+            before, after = (statistics.median(times[t][1:]) for t in ("before", "after"))
+            row = dict(loss=loss, shape=shape_name, before_s=before, after_s=after,
+                       ratio=after / before)
+            rows.append(row)
+            print(f"{loss:12s} {shape_name:10s} {args.against}: {before * 1e3:8.1f} ms   this "
+                  f"checkout: {after * 1e3:8.1f} ms   ratio {after / before:.2f}", flush=True)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"torch-backend-{head}-vs-{args.against}.json"
+    path.write_text(json.dumps(dict(against=args.against, head=head, threads=1,
+                                    repeats=args.repeats, load_average=os.getloadavg(),
+                                    rows=rows), indent=1))
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
