@@ -8,8 +8,9 @@ same scalar on every rank and equals the single-process loss on the gathered bat
 
 One step, per rank:
 
-1. :func:`gather_embeddings` all-gathers the unit embeddings (``N_r x d`` each, ``N`` in all; ranks
-   may hold different ``N_r``) and the labels. Its backward sums the gradient over ranks and
+1. :func:`gather_embeddings` all-gathers the embeddings (``N_r x d`` each, ``N`` in all; ranks
+   may hold different ``N_r``; in the dtype of embeddings and proxies promoted) and the labels;
+   each rank then normalises the gathered batch. Its backward sums the gradient over ranks and
    returns each rank its own rows (a reduce-scatter on NCCL; an all-reduce and a slice on gloo,
    which has no reduce-scatter).
 2. The backend computes this rank's unreduced terms over its own classes, the ``proxy_terms`` or
@@ -349,6 +350,13 @@ class ClassParallelLoss(nn.Module):
     between any numbers of ranks and the single-process loss module. Outside torch.distributed
     (``process_group=None`` and no default group) it is the single-process loss.
 
+    ``backend``: any backend of the single-process losses (``"auto"``, their default, picks as
+    they do, for this rank's classes and the gathered batch); its ``proxy_terms`` when it has
+    them (the proxies normalised and eq. 3 formed in its own sweep, no copy), else its
+    ``similarity_terms``. fp16/bf16 inputs reach a low-precision backend (``"triton"``,
+    ``"triton-linear"``) as they are and the others as fp32 copies, as in the single-process
+    losses.
+
     ``ddp_average``: multiply the embedding gradient by the group size so that a backbone wrapped
     in DDP (which averages gradients over ranks) steps as one process on the global batch would.
 
@@ -368,7 +376,7 @@ class ClassParallelLoss(nn.Module):
         embedding_size: int,
         *,
         process_group=None,
-        backend: str = "reference",
+        backend: str = "auto",
         ddp_average: bool = True,
         sample_rate: float = 1.0,
         validate: bool = True,

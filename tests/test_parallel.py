@@ -5,8 +5,9 @@ the expensive part) and writes what rank 0 gathered; the tests compare it with t
 loss module of the same loss on the same batch and proxies (float64, the reference backend).
 ``BACKENDS_UNDER_TEST`` names the backends checked, each with its dtype, tolerance and cases. The
 Triton backends run through the interpreter on CPU (conftest.py sets ``TRITON_INTERPRET=1``
-before the spawn, and the workers inherit it), slowly: in float32, on one case that has unequal
-shards, absent classes and ranks without positives; the training step, re-sharding, traffic and
+before the spawn, and the workers inherit it), slowly: in float32, on the case with unequal
+shards, absent classes and ranks without positives, and ``triton`` also on the one with a sample
+and (3 ranks) a class per rank; the training step, re-sharding, traffic and
 class sampling, which use the backend's terms only as the equivalence does, run on the two
 CPU backends.
 """
@@ -37,12 +38,12 @@ LOSSES = tuple(LOSS_CLASSES)
 D = 5
 
 # (name, C, K, labels per rank): unequal shards (C not divisible by R), classes absent from the
-# batch, every positive on rank 0's classes (the other ranks own none), one sample per rank, and
-# unequal batch shares.
+# batch, every positive on rank 0's classes (the other ranks own none), one sample per rank (and,
+# with 3 ranks, one class per rank), and unequal batch shares.
 CASES = {
     "mixed": (11, 3, lambda r, R: [(5 * r + 3 * j) % 11 for j in range(3)]),
     "one_owner": (11, 2, lambda r, R: [0, 1, r % 2]),
-    "n1": (7, 2, lambda r, R: [(4 * r + 1) % 7]),
+    "n1": (3, 2, lambda r, R: [(4 * r + 1) % 3]),
     "unequal_n": (8, 3, lambda r, R: list(range(r, 2 * r + 2))),
 }
 
@@ -50,7 +51,8 @@ CASES = {
 BACKENDS_UNDER_TEST = {
     "reference": (torch.float64, 1e-12, None),
     "torch": (torch.float64, 1e-12, None),
-    "triton": (torch.float32, 1e-5, ("one_owner",)),
+    "triton": (torch.float32, 1e-5, ("one_owner", "n1")),
+    # Not "n1": its kernels' custom op rebuilds a whole-loss LossSpec, which refuses one class.
     "triton-linear": (torch.float32, 1e-5, ("one_owner",)),
 }
 FULL = [b for b, (_, _, cases) in BACKENDS_UNDER_TEST.items() if cases is None]
@@ -307,6 +309,7 @@ def test_cases_cover_the_edge_cases():
         c0, c1 = class_ranges(C, R)[-1]
         assert not any(c0 <= y < c1 for r in range(R) for y in labels_of(r, R))
         assert all(len(CASES["n1"][2](r, R)) == 1 for r in range(R))
+    assert {c1 - c0 for c0, c1 in class_ranges(CASES["n1"][0], 3)} == {1}
 
 
 @pytest.mark.parametrize("backend", FULL)
@@ -443,3 +446,86 @@ def test_class_sampling_only_in_training_mode():
     assert _rel(loss_fn(x, y), full(x, y)) <= 1e-12
     with pytest.raises(ValueError, match="sample_rate"):
         ClassParallelLoss("mpa", 10, 4, sample_rate=1.5)
+
+
+def _spy(monkeypatch, backend: str, entry: str) -> list:
+    """Record the arguments of ``entry`` of ``backend``'s module on every call."""
+    from mpa_kernels.backends import _load
+
+    module, calls = _load(backend), []
+    original = getattr(module, entry)
+
+    def spy(x_hat, w, labels, spec, **kwargs):
+        calls.append({"x_hat": x_hat, "w": w, "spec": spec})
+        return original(x_hat, w, labels, spec, **kwargs)
+
+    monkeypatch.setattr(module, entry, spy)
+    return calls
+
+
+# backend asked for, the backend "auto" resolves it to on CPU, its entry point, the compute dtype
+# of float16 inputs (the low-precision backends keep it, the others get float32 copies).
+PRECISION_CASES = [("reference", "reference", "similarity_terms", torch.float32),
+                   ("torch", "torch", "proxy_terms", torch.float32),
+                   ("auto", "torch", "proxy_terms", torch.float32),
+                   ("triton", "triton", "similarity_terms", torch.float16)]
+
+
+@pytest.mark.parametrize("backend, resolved, entry, compute_dtype", PRECISION_CASES)
+def test_half_inputs_follow_the_backends_precision(monkeypatch, backend, resolved, entry,
+                                                   compute_dtype):
+    """Outside torch.distributed (one rank): half inputs reach the backend in its precision, and
+    the loss and gradients are the single-process module's on the same backend and dtype."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, D, generator=g).half()
+    y = torch.tensor([0, 2, 2, 4, 1, 0])
+    proxies = torch.randn(5 * 2, D, generator=g).half()
+    got = {}
+    for kind in ("parallel", "single"):
+        calls = _spy(monkeypatch, resolved, entry) if kind == "parallel" else None
+        make = (ClassParallelLoss if kind == "parallel"
+                else lambda *a, **k: LOSS_CLASSES[a[0]](*a[1:], **k))
+        loss_fn = make("mpa_dw", 5, D, proxies_per_class=2, backend=backend, dtype=torch.float16)
+        with torch.no_grad():
+            loss_fn.proxies.copy_(proxies)
+        xi = x.clone().requires_grad_(True)
+        loss = loss_fn(xi, y)
+        loss.backward()
+        got[kind] = (loss.detach(), xi.grad, loss_fn.proxies.grad)
+        monkeypatch.undo()
+        if kind == "parallel":
+            assert len(calls) == 1 and calls[0]["x_hat"].dtype == compute_dtype
+            assert calls[0]["w"].dtype == compute_dtype and calls[0]["spec"].shard
+    (loss, x_grad, w_grad), (loss1, x_grad1, w_grad1) = got["parallel"], got["single"]
+    assert loss.dtype == loss1.dtype and x_grad.dtype == torch.float16
+    assert _rel(loss.float(), loss1.float()) <= 1e-5
+    assert _rel(x_grad.float(), x_grad1.float()) <= 2e-3
+    assert _rel(w_grad.float(), w_grad1.float()) <= 2e-3
+
+
+def test_raw_proxies_reach_proxy_terms_uncopied(monkeypatch):
+    """A backend with proxy_terms gets the proxy parameter itself: no normalised copy is made."""
+    calls = _spy(monkeypatch, "torch", "proxy_terms")
+    loss_fn = ClassParallelLoss("mpa", 6, D, proxies_per_class=2, backend="torch")
+    loss_fn(torch.randn(3, D), torch.tensor([0, 5, 5])).backward()
+    assert len(calls) == 1 and calls[0]["w"] is loss_fn.proxies
+    assert loss_fn.proxies.grad is not None
+
+
+def test_shard_spec():
+    """A shard of a loss's classes may hold one class; a whole loss needs two, and records no
+    shard flag (its state_dict entry is unchanged)."""
+    from mpa_kernels._spec import LossSpec
+
+    spec = LossSpec("mpa_dw", 10, 3, 32.0, 0.1, tau=0.2)
+    with pytest.raises(ValueError, match="num_classes must be at least 2"):
+        LossSpec("mpa_dw", 1, 3, 32.0, 0.1)
+    shard = spec.shard_of(1)
+    assert shard.shard and shard.num_classes == 1
+    assert (shard.loss, shard.proxies_per_class, shard.alpha, shard.tau) == ("mpa_dw", 3, 32.0, 0.2)
+    assert "shard" not in spec.to_dict() and LossSpec.from_dict(spec.to_dict()) == spec
+    assert LossSpec.from_dict(shard.to_dict()) == shard
+    with pytest.raises(ValueError, match="num_classes must be at least 1"):
+        spec.shard_of(0)
+    with pytest.raises(TypeError, match="shard"):
+        LossSpec("mpa", 4, 1, 32.0, 0.1, shard=1)
