@@ -35,6 +35,10 @@ class LossSpec:
     ``2 * scale`` of ProxyNCA); ``delta`` the margin; ``gamma`` the temperature of the intra-class
     softmax over the ``proxies_per_class`` proxies of a class; ``tau`` the weight of the proxy
     regulariser (eq. 3), which the front end (or a backend's ``proxy_terms``) adds.
+
+    ``shard=True`` describes a shard of a larger loss's classes (class-parallel proxies: one
+    rank's ``num_classes``, which may be 1), for the backend's unreduced terms; a whole loss needs
+    at least two classes. :meth:`shard_of` builds one.
     """
 
     loss: str
@@ -45,11 +49,14 @@ class LossSpec:
     gamma: float = 0.1
     similarity: str = "softmax"
     tau: float = 0.0
+    shard: bool = dataclasses.field(default=False, kw_only=True)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.shard, bool):
+            raise TypeError(f"shard must be True or False, got {self.shard!r}")
         check_loss_hyperparameters(
             self.loss, self.num_classes, self.proxies_per_class, self.alpha, self.delta,
-            self.gamma, self.tau, self.similarity,
+            self.gamma, self.tau, self.similarity, min_classes=1 if self.shard else 2,
         )
         for name in ("alpha", "delta", "gamma", "tau"):
             object.__setattr__(self, name, float(getattr(self, name)))
@@ -58,9 +65,17 @@ class LossSpec:
     def column_wise(self) -> bool:
         return self.loss in COLUMN_WISE
 
+    def shard_of(self, num_classes: int) -> "LossSpec":
+        """This loss narrowed to ``num_classes`` of its classes (at least one), as a shard."""
+        return dataclasses.replace(self, num_classes=num_classes, shard=True)
+
     def to_dict(self) -> dict:
-        """Plain str/int/float values (what a state_dict records; loads with weights_only)."""
-        return dataclasses.asdict(self)
+        """Plain str/int/float values (what a state_dict records; loads with weights_only). A
+        whole loss's record has no ``shard`` entry, as before shards existed."""
+        values = dataclasses.asdict(self)
+        if not self.shard:
+            del values["shard"]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict) -> "LossSpec":
@@ -144,11 +159,13 @@ def check_loss_hyperparameters(
     gamma: float,
     tau: float,
     similarity: str,
+    *,
+    min_classes: int = 2,
 ) -> None:
     """Raise a ``ValueError``/``TypeError`` that names the first bad hyper-parameter."""
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
-    check_int("num_classes", num_classes, 2)
+    check_int("num_classes", num_classes, min_classes)
     check_int("proxies_per_class", proxies_per_class, 1)
     check_number("alpha", alpha, positive=True)
     check_number("delta", delta)

@@ -8,19 +8,23 @@ same scalar on every rank and equals the single-process loss on the gathered bat
 
 One step, per rank:
 
-1. :func:`gather_embeddings` all-gathers the unit embeddings (``N_r x d`` each, ``N`` in all; ranks
-   may hold different ``N_r``) and the labels. Its backward sums the gradient over ranks and
+1. :func:`gather_embeddings` all-gathers the embeddings (``N_r x d`` each, ``N`` in all; ranks
+   may hold different ``N_r``; in the dtype of embeddings and proxies promoted) and the labels;
+   each rank then normalises the gathered batch. Its backward sums the gradient over ranks and
    returns each rank its own rows (a reduce-scatter on NCCL; an all-reduce and a slice on gloo,
    which has no reduce-scatter).
-2. The backend's ``similarity_terms`` computes this rank's unreduced terms over its own classes
-   (the contract is written out at :func:`reference_similarity_terms`).
+2. The backend computes this rank's unreduced terms over its own classes, the ``proxy_terms`` or
+   ``similarity_terms`` of the backend contract (:mod:`mpa_kernels.backends`) with the spec of
+   the shard (:meth:`~mpa_kernels._spec.LossSpec.shard_of`); labels of other ranks' classes fall
+   outside the shard and make every local class a negative of their row.
 3. :func:`merge_terms` turns the terms of every rank into the loss:
 
    * row-wise losses (MPA-DW, MPA-AP, SoftTriple, ProxyNCA): per sample, the partial
      log-sum-exps are merged by :class:`_MergeLogSumExp`, an all-reduce MAX of the row maxima and a
      SUM of the rescaled sums (``2 N`` numbers, whatever ``C`` is); the positive term, non-zero only
      on the rank that owns the label, and the regulariser's partial sum go through one SUM
-     all-reduce of ``N + 1`` numbers. The implicit zero logit is added once, after the merge.
+     all-reduce of ``N + 1`` numbers. The implicit zero logit is added once, after the merge
+     (:func:`mpa_kernels.functional.row_losses`).
    * column-wise losses (MPA, ProxyAnchor): every class's log-sum-exps run over the gathered batch,
      so they are local; ``|C+|`` is counted from the gathered labels and ``C`` is global; one SUM
      all-reduce of a single scalar adds the ranks' partial sums.
@@ -52,7 +56,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mpa_kernels import reference
 from mpa_kernels import losses as _losses
 from mpa_kernels._checks import all_finite
 from mpa_kernels._spec import (
@@ -63,7 +66,13 @@ from mpa_kernels._spec import (
     check_number,
 )
 from mpa_kernels.backends import BackendUnavailableError, check_backend_name, resolve
-from mpa_kernels.functional import unit_proxy_regularizer, unit_rows
+from mpa_kernels.functional import (
+    _HALF,
+    first_order_guard,
+    row_losses,
+    unit_proxy_regularizer,
+    unit_rows,
+)
 
 __all__ = [
     "ClassParallelLoss",
@@ -72,11 +81,7 @@ __all__ = [
     "gather_embeddings",
     "merge_full_state_dicts",
     "merge_terms",
-    "reference_similarity_terms",
 ]
-
-# Row-wise losses whose log-sum-exp has the implicit zero logit of log(1 + sum e^z).
-_ZERO_LOGIT = frozenset({"mpa_dw", "mpa_ap"})
 
 LOSS_CLASSES = {
     "mpa": _losses.MPALoss,
@@ -294,86 +299,7 @@ def merge_terms(
     lse, extra = terms
     merged = _MergeLogSumExp.apply(lse, group)
     summed = _AllReduceSum.apply(torch.cat([extra, regularizer.reshape(1).to(extra.dtype)]), group)
-    if spec.loss in _ZERO_LOGIT:
-        merged = torch.logaddexp(merged, torch.zeros_like(merged))
-    return (summed[:-1] + merged).mean() + summed[-1]
-
-
-# -- the reference implementation of the similarity_terms contract ------------------------------
-
-def _masked_logsumexp(z: torch.Tensor, mask: torch.Tensor | None, dim: int) -> torch.Tensor:
-    """``log sum_{mask} e^z`` along ``dim``; ``-inf`` (with a zero gradient) where the mask is
-    empty, where ``torch.logsumexp`` of all ``-inf`` would back-propagate NaN."""
-    if mask is None:
-        return torch.logsumexp(z, dim=dim)
-    nonempty = mask.any(dim=dim, keepdim=True)
-    safe = torch.where(nonempty, z.masked_fill(~mask, float("-inf")), torch.zeros_like(z))
-    lse = torch.logsumexp(safe, dim=dim)
-    return torch.where(nonempty.squeeze(dim), lse, torch.full_like(lse, float("-inf")))
-
-
-def reference_similarity_terms(
-    x_hat: torch.Tensor, w_hat: torch.Tensor, labels: torch.Tensor, spec: LossSpec
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference implementation of the ``similarity_terms`` contract, by autograd through
-    :func:`reference.class_similarity`.
-
-    ``x_hat`` (N, d): unit rows of the gathered batch. ``w_hat`` (C_local * K, d): unit rows of this
-    rank's proxies. ``labels`` (N,): class ids shifted to this rank's range; a value outside
-    ``[0, C_local)`` means the sample's class lives on another rank. ``spec`` describes the
-    ``C_local`` local classes. Returns, differentiable in ``x_hat`` and ``w_hat``:
-
-    * row-wise losses, ``(lse, extra)``, both (N,): ``lse_i = log sum_c e^{z_ic}`` over the local
-      logits of the loss's log-sum-exp (``-inf`` when there are none), without the implicit zero
-      logit; ``extra_i`` the positive term outside the log-sum-exp when ``y_i`` is local, else 0
-      (MPA-DW ``softplus(-alpha (S_iy - delta))``, SoftTriple and ProxyNCA ``-z_iy``, MPA-AP 0);
-    * column-wise losses, ``(pos, neg)``, both (C_local,):
-      ``pos_c = log(1 + sum_{y_i = c} e^{-alpha (S_ic - delta)})`` (0 for a class absent from the
-      batch) and ``neg_c = log(1 + sum_{y_i != c} e^{alpha (S_ic + delta)})``.
-    """
-    S = reference.class_similarity(x_hat, w_hat, spec.proxies_per_class, spec.similarity,
-                                   spec.gamma)
-    c_local = S.shape[1]
-    local = (labels >= 0) & (labels < c_local)
-    idx = torch.where(local, labels, torch.zeros_like(labels))
-    onehot = torch.zeros_like(S, dtype=torch.bool)
-    onehot[local, idx[local]] = True
-    a, d = spec.alpha, spec.delta
-    if spec.column_wise:
-        pos = reference.log1p_sum_exp(-a * (S - d), onehot, dim=0)
-        neg = reference.log1p_sum_exp(a * (S + d), ~onehot, dim=0)
-        return pos, neg
-    s_pos = S.gather(1, idx[:, None]).squeeze(1)
-    zero = torch.zeros_like(s_pos)
-    if spec.loss == "mpa_dw":
-        lse = _masked_logsumexp(a * (S + d), ~onehot, dim=1)
-        extra = torch.where(local, torch.nn.functional.softplus(-a * (s_pos - d)), zero)
-    elif spec.loss == "mpa_ap":
-        lse = _masked_logsumexp(a * torch.where(onehot, d - S, S + d), None, dim=1)
-        extra = zero
-    else:  # soft_triple and proxy_nca: a cross-entropy over alpha * (S - delta * onehot)
-        lse = _masked_logsumexp(a * (S - d * onehot.to(S.dtype)), None, dim=1)
-        extra = torch.where(local, -a * (s_pos - d), zero)
-    return lse, extra
-
-
-def similarity_terms_for(backend: str, device: torch.device, spec: LossSpec):
-    """The ``similarity_terms`` of the backend that ``backend`` resolves to on ``device``.
-
-    A backend module that defines ``similarity_terms`` serves itself; the reference backend falls
-    back to :func:`reference_similarity_terms`. Any other backend without it cannot run
-    class-parallel yet, and says so.
-    """
-    module = resolve(backend, device, spec)
-    if module.__name__.endswith(".reference") or backend == "auto":  # the reference runs anywhere
-        return reference_similarity_terms
-    fn = getattr(module, "similarity_terms", None)
-    if fn is not None:
-        return fn
-    raise BackendUnavailableError(
-        f"backend {backend!r} does not implement similarity_terms, which class-parallel losses "
-        "need; use backend='reference'"
-    )
+    return row_losses(torch.stack((merged, summed[:-1])), spec).mean() + summed[-1]
 
 
 # -- the module ---------------------------------------------------------------------------------
@@ -408,15 +334,6 @@ def _hyperparameters(name: str, kwargs: dict) -> tuple[dict, float]:
                 gamma=a["gamma"], similarity=a["similarity"]), a["tau"]
 
 
-def _local_spec(spec: LossSpec, num_local: int) -> LossSpec:
-    """``spec`` narrowed to ``num_local`` classes. LossSpec refuses fewer than two classes (a loss
-    needs them), but a rank may own one; the global spec has been validated already."""
-    local = LossSpec(spec.loss, max(num_local, 2), spec.proxies_per_class, spec.alpha,
-                     spec.delta, spec.gamma, spec.similarity)
-    object.__setattr__(local, "num_classes", num_local)
-    return local
-
-
 class ClassParallelLoss(nn.Module):
     """A proxy loss whose proxies are sharded by class across the ranks of ``process_group``.
 
@@ -432,6 +349,13 @@ class ClassParallelLoss(nn.Module):
     :meth:`load_state_dict` (which accepts a full ``(C * K, d)`` tensor and slices it) re-shard
     between any numbers of ranks and the single-process loss module. Outside torch.distributed
     (``process_group=None`` and no default group) it is the single-process loss.
+
+    ``backend``: any backend of the single-process losses (``"auto"``, their default, picks as
+    they do, for this rank's classes and the gathered batch); its ``proxy_terms`` when it has
+    them (the proxies normalised and eq. 3 formed in its own sweep, no copy), else its
+    ``similarity_terms``. fp16/bf16 inputs reach a low-precision backend (``"triton"``,
+    ``"triton-linear"``) as they are and the others as fp32 copies, as in the single-process
+    losses.
 
     ``ddp_average``: multiply the embedding gradient by the group size so that a backbone wrapped
     in DDP (which averages gradients over ranks) steps as one process on the global batch would.
@@ -452,7 +376,7 @@ class ClassParallelLoss(nn.Module):
         embedding_size: int,
         *,
         process_group=None,
-        backend: str = "reference",
+        backend: str = "auto",
         ddp_average: bool = True,
         sample_rate: float = 1.0,
         validate: bool = True,
@@ -479,7 +403,7 @@ class ClassParallelLoss(nn.Module):
         self.process_group = process_group
         self.class_range = class_ranges(num_classes, self._group.size)[self._group.rank]
         c0, c1 = self.class_range
-        self.local_spec = _local_spec(self.spec, c1 - c0)
+        self.local_spec = self.spec.shard_of(c1 - c0)
         self.num_classes, self.embedding_size = num_classes, embedding_size
         self.proxies_per_class = self.spec.proxies_per_class
         self.backend, self.ddp_average, self.validate = backend, ddp_average, validate
@@ -534,11 +458,11 @@ class ClassParallelLoss(nn.Module):
         if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
             raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
         dtype = torch.promote_types(embeddings.dtype, self.proxies.dtype)
-        if dtype in (torch.float16, torch.bfloat16):
-            dtype = torch.float32
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            # Raw rows cross the wire (in the inputs' precision); each rank normalises the
+            # gathered batch itself, as the single-process front end normalises its batch.
             x_all, y_all = gather_embeddings(
-                unit_rows(embeddings.to(dtype)), labels.long(), self.process_group,
+                embeddings.to(dtype), labels.long(), self.process_group,
                 grad_scale=self._group.size if self.ddp_average else 1.0)
             if x_all.shape[0] == 0:
                 raise ValueError("empty batch: no rank has embeddings")
@@ -548,36 +472,61 @@ class ClassParallelLoss(nn.Module):
                                  f"[{int(y_all.min())}, {int(y_all.max())}]")
             if self.validate and not all_finite(x_all):
                 raise ValueError("embeddings contain NaN or infinite values (on some rank)")
-            w_hat = unit_rows(self.proxies.to(dtype))
+            impl = self._backend(embeddings.device, x_all.shape[0], dtype)
+            if dtype in _HALF and not impl.LOW_PRECISION:
+                dtype = torch.float32
+            x_all = unit_rows(x_all.to(dtype))
+            w = self.proxies.to(dtype)
             y_local, spec, local_spec = y_all - self.class_range[0], self.spec, self.local_spec
             if self.sample_rate < 1 and self.training:
-                w_hat, y_local, spec, local_spec = self._sample(w_hat, y_local)
-            terms_fn = similarity_terms_for(self.backend, embeddings.device, local_spec)
-            terms = terms_fn(x_all, w_hat, y_local, local_spec)
-            reg = w_hat.new_zeros(())
-            if self.tau and self.proxies_per_class > 1:
-                # eq. 3 over the local classes, renormalised from C_local*K*(K-1) to C*K*(K-1)
-                reg = self.tau * unit_proxy_regularizer(w_hat, self.proxies_per_class) * (
-                    local_spec.num_classes / spec.num_classes)
+                w, y_local, spec, local_spec = self._sample(w, y_local)
+            regularize = self.tau != 0.0 and self.proxies_per_class > 1
+            if hasattr(impl, "proxy_terms"):
+                # The backend normalises the proxies and forms eq. 3 in its own sweep: no
+                # C_r*K*d copy of them (nor of their gradient) is made.
+                terms, reg = impl.proxy_terms(x_all, w, y_local, local_spec)
+                terms, reg = first_order_guard(impl, terms), first_order_guard(impl, reg)
+            else:
+                w_hat = unit_rows(w)
+                terms = first_order_guard(
+                    impl, impl.similarity_terms(x_all, w_hat, y_local, local_spec))
+                reg_dtype = torch.float32 if dtype in _HALF else dtype
+                reg = (unit_proxy_regularizer(w_hat.to(reg_dtype), self.proxies_per_class)
+                       if regularize else None)
+            # eq. 3 over the local classes, renormalised from C_local*K*(K-1) to C*K*(K-1)
+            reg = (self.tau * reg * (local_spec.num_classes / spec.num_classes) if regularize
+                   else terms.new_zeros(()))
             return merge_terms(terms, spec, y_all, reg, self.process_group)
 
-    def _sample(self, w_hat: torch.Tensor, y_local: torch.Tensor):
+    def _backend(self, device: torch.device, batch_size: int, dtype: torch.dtype):
+        """The backend module: one whose unreduced terms (``proxy_terms`` or
+        ``similarity_terms``) the ranks can merge, as ``reduction="none"`` needs them too.
+        ``"auto"`` decides on the gathered batch and this rank's classes (its memory)."""
+        try:
+            return resolve(self.backend, device, self.local_spec, batch_size, dtype.itemsize,
+                           reduction="none")
+        except BackendUnavailableError as err:
+            raise BackendUnavailableError(
+                f"class-parallel losses merge the backend's unreduced terms across ranks: {err}"
+            ) from err
+
+    def _sample(self, w: torch.Tensor, y_local: torch.Tensor):
         """The kept classes' proxies, the labels renumbered among them (-1: another rank's class),
         and the global and local specs narrowed to the kept counts (see ``sample_rate``)."""
         c_local, k = self.class_range[1] - self.class_range[0], self.proxies_per_class
         mine = (y_local >= 0) & (y_local < c_local)
-        present = torch.zeros(c_local, dtype=torch.bool, device=w_hat.device)
+        present = torch.zeros(c_local, dtype=torch.bool, device=w.device)
         present[y_local[mine]] = True
         keep = max(int(present.sum()), math.ceil(self.sample_rate * c_local))
-        score = torch.rand(c_local, device=w_hat.device).masked_fill_(present, 2.0)
+        score = torch.rand(c_local, device=w.device).masked_fill_(present, 2.0)
         kept = score.topk(keep).indices.sort().values
         self.sampled_classes = kept + self.class_range[0]
-        renumber = torch.full((c_local,), -1, dtype=torch.long, device=w_hat.device)
-        renumber[kept] = torch.arange(keep, device=w_hat.device)
+        renumber = torch.full((c_local,), -1, dtype=torch.long, device=w.device)
+        renumber[kept] = torch.arange(keep, device=w.device)
         y_kept = torch.where(mine, renumber[y_local.clamp(0, c_local - 1)], -1)
-        rows = (kept[:, None] * k + torch.arange(k, device=w_hat.device)).reshape(-1)
-        total = int(self._group.all_reduce(torch.tensor([keep], device=w_hat.device)).item())
-        return w_hat[rows], y_kept, _local_spec(self.spec, total), _local_spec(self.spec, keep)
+        rows = (kept[:, None] * k + torch.arange(k, device=w.device)).reshape(-1)
+        total = int(self._group.all_reduce(torch.tensor([keep], device=w.device)).item())
+        return w[rows], y_kept, self.spec.shard_of(total), self.spec.shard_of(keep)
 
     # -- checkpoints: shards that re-shard -------------------------------------------------------
     def get_extra_state(self) -> dict:

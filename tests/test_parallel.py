@@ -2,12 +2,19 @@
 
 Each world size is one ``torch.multiprocessing`` spawn that runs every case (process start-up is
 the expensive part) and writes what rank 0 gathered; the tests compare it with the single-process
-loss module of the same loss on the same batch and proxies. ``BACKENDS_UNDER_TEST`` names the
-backends whose ``similarity_terms`` are checked (with their tolerance).
+loss module of the same loss on the same batch and proxies (float64, the reference backend).
+``BACKENDS_UNDER_TEST`` names the backends checked, each with its dtype, tolerance and cases. The
+Triton backends run through the interpreter on CPU (conftest.py sets ``TRITON_INTERPRET=1``
+before the spawn, and the workers inherit it), slowly: in float32, on the case with unequal
+shards, absent classes and ranks without positives, and ``triton`` also on the one with a sample
+and (3 ranks) a class per rank; the training step, re-sharding, traffic and
+class sampling, which use the backend's terms only as the equivalence does, run on the two
+CPU backends.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -26,20 +33,31 @@ from mpa_kernels.parallel import (
     merge_full_state_dicts,
 )
 
-BACKENDS_UNDER_TEST = {"reference": (torch.float64, 1e-12), "torch": (torch.float64, 1e-12)}
 WORLD_SIZES = (3, 2)  # 3 first: it writes the shards that the 2-rank run re-loads
 LOSSES = tuple(LOSS_CLASSES)
 D = 5
 
 # (name, C, K, labels per rank): unequal shards (C not divisible by R), classes absent from the
-# batch, every positive on rank 0's classes (the other ranks own none), one sample per rank, and
-# unequal batch shares.
+# batch, every positive on rank 0's classes (the other ranks own none), one sample per rank (and,
+# with 3 ranks, one class per rank), and unequal batch shares.
 CASES = {
     "mixed": (11, 3, lambda r, R: [(5 * r + 3 * j) % 11 for j in range(3)]),
-    "one_owner": (10, 2, lambda r, R: [0, 1, r % 2]),
-    "n1": (7, 2, lambda r, R: [(4 * r + 1) % 7]),
+    "one_owner": (11, 2, lambda r, R: [0, 1, r % 2]),
+    "n1": (3, 2, lambda r, R: [(4 * r + 1) % 3]),
     "unequal_n": (8, 3, lambda r, R: list(range(r, 2 * r + 2))),
 }
+
+# backend: (dtype, relative tolerance, cases); None: every case, and the other checks too.
+BACKENDS_UNDER_TEST = {
+    "reference": (torch.float64, 1e-12, None),
+    "torch": (torch.float64, 1e-12, None),
+    "triton": (torch.float32, 1e-5, ("one_owner", "n1")),
+    # Not "n1": its kernels' custom op rebuilds a whole-loss LossSpec, which refuses one class.
+    "triton-linear": (torch.float32, 1e-5, ("one_owner",)),
+}
+FULL = [b for b, (_, _, cases) in BACKENDS_UNDER_TEST.items() if cases is None]
+EQUIVALENCE = [(b, case) for b, (_, _, cases) in BACKENDS_UNDER_TEST.items()
+               for case in (cases or CASES)]
 
 
 def _hyper(name: str, K: int) -> dict:
@@ -70,9 +88,9 @@ def _gather_rows(t: torch.Tensor, R: int) -> torch.Tensor:
     return torch.cat([p[: int(n.item())] for p, n in zip(parts, sizes)])
 
 
-def _equivalence(rank: int, R: int, backend: str, dtype) -> dict:
+def _equivalence(rank: int, R: int, backend: str, dtype, cases) -> dict:
     out = {}
-    for case in CASES:
+    for case in cases:
         K = CASES[case][1]
         xs, ys, proxies = _batch(case, R, dtype)
         for name in LOSSES:
@@ -205,16 +223,18 @@ def _sampled(rank: int, R: int, backend: str, dtype) -> dict:
     return out
 
 
-def _worker(rank: int, R: int, init_file: str, out_dir: str, backend: str, dtype) -> None:
+def _worker(rank: int, R: int, init_file: str, out_dir: str, backend: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=R)
     try:
         shard_dir = Path(out_dir)
-        result = {"equivalence": _equivalence(rank, R, backend, dtype),
-                  "train": _train_step(rank, R, backend),
-                  "reshard": _reshard(rank, R, backend, shard_dir),
-                  "traffic": _traffic(rank, R, backend, dtype),
-                  "sampled": _sampled(rank, R, backend, dtype)}
+        dtype, _, cases = BACKENDS_UNDER_TEST[backend]
+        result = {"equivalence": _equivalence(rank, R, backend, dtype, cases or CASES)}
+        if cases is None:
+            result.update(train=_train_step(rank, R, backend),
+                          reshard=_reshard(rank, R, backend, shard_dir),
+                          traffic=_traffic(rank, R, backend, dtype),
+                          sampled=_sampled(rank, R, backend, dtype))
         if rank == 0:
             torch.save(result, shard_dir / f"result{R}.pt")
         dist.barrier()  # no rank closes its connections while a peer still reads from them
@@ -222,18 +242,19 @@ def _worker(rank: int, R: int, init_file: str, out_dir: str, backend: str, dtype
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module", params=list(BACKENDS_UNDER_TEST))
-def runs(request):
-    backend = request.param
-    dtype, tol = BACKENDS_UNDER_TEST[backend]
+@functools.cache
+def _runs(backend: str):
+    """What rank 0 of each world size gathered with ``backend`` (spawned once per backend)."""
+    dtype, tol, cases = BACKENDS_UNDER_TEST[backend]
     with tempfile.TemporaryDirectory() as tmp:
         results = {}
         for R in WORLD_SIZES:
             init_file = os.path.join(tmp, f"init{R}")
-            mp.spawn(_worker, args=(R, init_file, tmp, backend, dtype), nprocs=R, join=True)
+            mp.spawn(_worker, args=(R, init_file, tmp, backend), nprocs=R, join=True)
             results[R] = torch.load(Path(tmp) / f"result{R}.pt")
-        results["errors"] = torch.load(Path(tmp) / "errors.pt")
-        yield backend, dtype, tol, results
+        if cases is None:
+            results["errors"] = torch.load(Path(tmp) / "errors.pt")
+    return backend, dtype, tol, results
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -242,10 +263,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _single(name: str, case: str, R: int, dtype, kept: torch.Tensor | None = None):
-    """The single-process loss on the case's global batch, over all classes or only ``kept``
-    (labels renumbered among them); the proxy gradient is returned for all C classes."""
+    """The single-process loss (reference backend, float64) on the case's global batch drawn in
+    ``dtype``, over all classes or only ``kept`` (labels renumbered among them); the proxy
+    gradient is returned for all C classes."""
     C, K, _ = CASES[case]
     xs, ys, proxies = _batch(case, R, dtype)
+    dtype = torch.float64
+    xs, proxies = [x.to(dtype) for x in xs], proxies.to(dtype)
     k = 1 if name in ("proxy_anchor", "proxy_nca") else K
     kept = torch.arange(C) if kept is None else kept
     rows = (kept[:, None] * k + torch.arange(k)).reshape(-1)
@@ -262,10 +286,10 @@ def _single(name: str, case: str, R: int, dtype, kept: torch.Tensor | None = Non
 
 
 @pytest.mark.parametrize("R", WORLD_SIZES)
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("backend, case", EQUIVALENCE)
 @pytest.mark.parametrize("name", LOSSES)
-def test_loss_and_gradients_match_single_process(runs, name, case, R):
-    _, dtype, tol, results = runs
+def test_loss_and_gradients_match_single_process(backend, name, case, R):
+    _, dtype, tol, results = _runs(backend)
     got = results[R]["equivalence"][case, name]
     loss, x_grad, w_grad = _single(name, case, R, dtype)
     assert torch.equal(got["losses"], got["losses"][:1].expand(R)), "ranks disagree on the loss"
@@ -285,12 +309,14 @@ def test_cases_cover_the_edge_cases():
         c0, c1 = class_ranges(C, R)[-1]
         assert not any(c0 <= y < c1 for r in range(R) for y in labels_of(r, R))
         assert all(len(CASES["n1"][2](r, R)) == 1 for r in range(R))
+    assert {c1 - c0 for c0, c1 in class_ranges(CASES["n1"][0], 3)} == {1}
 
 
+@pytest.mark.parametrize("backend", FULL)
 @pytest.mark.parametrize("R", WORLD_SIZES)
 @pytest.mark.parametrize("name", ("mpa", "mpa_dw"))
-def test_training_step_matches_single_process(runs, name, R):
-    _, _, tol, results = runs
+def test_training_step_matches_single_process(backend, name, R):
+    _, _, tol, results = _runs(backend)
     got = results[R]["train"][name]
     x, y, net, proxies = _train_batch()
     loss_fn = LOSS_CLASSES[name](9, D, proxies_per_class=2, backend="reference",
@@ -306,8 +332,9 @@ def test_training_step_matches_single_process(runs, name, R):
     assert _rel(got["proxies"], loss_fn.proxies.detach()) <= tol
 
 
-def test_reshard_3_to_2_to_1(runs):
-    _, _, _, results = runs
+@pytest.mark.parametrize("backend", FULL)
+def test_reshard_3_to_2_to_1(backend):
+    _, _, _, results = _runs(backend)
     three, two = results[3]["reshard"], results[2]["reshard"]
     assert torch.equal(three["proxies"], two["proxies"])
     x, y = _reshard_batch()
@@ -333,9 +360,10 @@ def test_backend_without_similarity_terms_is_refused(monkeypatch):
     from mpa_kernels.backends import _load
 
     module = _load("torch")
-    monkeypatch.delattr(module, "similarity_terms", raising=False)
+    monkeypatch.delattr(module, "similarity_terms")
+    monkeypatch.delattr(module, "proxy_terms")
     loss_fn = ClassParallelLoss("mpa", 10, 4, backend="torch")
-    with pytest.raises(BackendUnavailableError, match="similarity_terms"):
+    with pytest.raises(BackendUnavailableError, match="class-parallel(.|\n)*similarity_terms"):
         loss_fn(torch.randn(2, 4), torch.tensor([0, 1]))
 
 
@@ -361,10 +389,11 @@ def test_errors_outside_distributed():
     assert loss_fn.class_range == (0, 10) and loss_fn.proxies.shape == (100, 4)
 
 
+@pytest.mark.parametrize("backend", FULL)
 @pytest.mark.parametrize("R", WORLD_SIZES)
-def test_traffic_does_not_depend_on_the_class_count(runs, R):
+def test_traffic_does_not_depend_on_the_class_count(backend, R):
     """Per rank, 2 samples of D numbers each: the gathers and the O(N) all-reduces, nothing of C."""
-    _, dtype, _, results = runs
+    _, dtype, _, results = _runs(backend)
     traffic = results[R]["traffic"]
     b, n = torch.empty((), dtype=dtype).element_size(), 2 * R
     gathers = {"all_gather": 8 + 2 * 8 + 2 * D * b}  # row count, labels, embeddings
@@ -387,10 +416,11 @@ def test_bench_cost_model():
         big["per_rank_proxy_and_grad_bytes"]["data_parallel"]
 
 
+@pytest.mark.parametrize("backend", FULL)
 @pytest.mark.parametrize("R", WORLD_SIZES)
 @pytest.mark.parametrize("name", LOSSES)
-def test_class_sampling_is_the_loss_over_the_kept_classes(runs, name, R):
-    _, dtype, tol, results = runs
+def test_class_sampling_is_the_loss_over_the_kept_classes(backend, name, R):
+    _, dtype, tol, results = _runs(backend)
     got = results[R]["sampled"][name]
     kept = got["kept"]
     C = CASES["mixed"][0]
@@ -416,3 +446,86 @@ def test_class_sampling_only_in_training_mode():
     assert _rel(loss_fn(x, y), full(x, y)) <= 1e-12
     with pytest.raises(ValueError, match="sample_rate"):
         ClassParallelLoss("mpa", 10, 4, sample_rate=1.5)
+
+
+def _spy(monkeypatch, backend: str, entry: str) -> list:
+    """Record the arguments of ``entry`` of ``backend``'s module on every call."""
+    from mpa_kernels.backends import _load
+
+    module, calls = _load(backend), []
+    original = getattr(module, entry)
+
+    def spy(x_hat, w, labels, spec, **kwargs):
+        calls.append({"x_hat": x_hat, "w": w, "spec": spec})
+        return original(x_hat, w, labels, spec, **kwargs)
+
+    monkeypatch.setattr(module, entry, spy)
+    return calls
+
+
+# backend asked for, the backend "auto" resolves it to on CPU, its entry point, the compute dtype
+# of float16 inputs (the low-precision backends keep it, the others get float32 copies).
+PRECISION_CASES = [("reference", "reference", "similarity_terms", torch.float32),
+                   ("torch", "torch", "proxy_terms", torch.float32),
+                   ("auto", "torch", "proxy_terms", torch.float32),
+                   ("triton", "triton", "similarity_terms", torch.float16)]
+
+
+@pytest.mark.parametrize("backend, resolved, entry, compute_dtype", PRECISION_CASES)
+def test_half_inputs_follow_the_backends_precision(monkeypatch, backend, resolved, entry,
+                                                   compute_dtype):
+    """Outside torch.distributed (one rank): half inputs reach the backend in its precision, and
+    the loss and gradients are the single-process module's on the same backend and dtype."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, D, generator=g).half()
+    y = torch.tensor([0, 2, 2, 4, 1, 0])
+    proxies = torch.randn(5 * 2, D, generator=g).half()
+    got = {}
+    for kind in ("parallel", "single"):
+        calls = _spy(monkeypatch, resolved, entry) if kind == "parallel" else None
+        make = (ClassParallelLoss if kind == "parallel"
+                else lambda *a, **k: LOSS_CLASSES[a[0]](*a[1:], **k))
+        loss_fn = make("mpa_dw", 5, D, proxies_per_class=2, backend=backend, dtype=torch.float16)
+        with torch.no_grad():
+            loss_fn.proxies.copy_(proxies)
+        xi = x.clone().requires_grad_(True)
+        loss = loss_fn(xi, y)
+        loss.backward()
+        got[kind] = (loss.detach(), xi.grad, loss_fn.proxies.grad)
+        monkeypatch.undo()
+        if kind == "parallel":
+            assert len(calls) == 1 and calls[0]["x_hat"].dtype == compute_dtype
+            assert calls[0]["w"].dtype == compute_dtype and calls[0]["spec"].shard
+    (loss, x_grad, w_grad), (loss1, x_grad1, w_grad1) = got["parallel"], got["single"]
+    assert loss.dtype == loss1.dtype and x_grad.dtype == torch.float16
+    assert _rel(loss.float(), loss1.float()) <= 1e-5
+    assert _rel(x_grad.float(), x_grad1.float()) <= 2e-3
+    assert _rel(w_grad.float(), w_grad1.float()) <= 2e-3
+
+
+def test_raw_proxies_reach_proxy_terms_uncopied(monkeypatch):
+    """A backend with proxy_terms gets the proxy parameter itself: no normalised copy is made."""
+    calls = _spy(monkeypatch, "torch", "proxy_terms")
+    loss_fn = ClassParallelLoss("mpa", 6, D, proxies_per_class=2, backend="torch")
+    loss_fn(torch.randn(3, D), torch.tensor([0, 5, 5])).backward()
+    assert len(calls) == 1 and calls[0]["w"] is loss_fn.proxies
+    assert loss_fn.proxies.grad is not None
+
+
+def test_shard_spec():
+    """A shard of a loss's classes may hold one class; a whole loss needs two, and records no
+    shard flag (its state_dict entry is unchanged)."""
+    from mpa_kernels._spec import LossSpec
+
+    spec = LossSpec("mpa_dw", 10, 3, 32.0, 0.1, tau=0.2)
+    with pytest.raises(ValueError, match="num_classes must be at least 2"):
+        LossSpec("mpa_dw", 1, 3, 32.0, 0.1)
+    shard = spec.shard_of(1)
+    assert shard.shard and shard.num_classes == 1
+    assert (shard.loss, shard.proxies_per_class, shard.alpha, shard.tau) == ("mpa_dw", 3, 32.0, 0.2)
+    assert "shard" not in spec.to_dict() and LossSpec.from_dict(spec.to_dict()) == spec
+    assert LossSpec.from_dict(shard.to_dict()) == shard
+    with pytest.raises(ValueError, match="num_classes must be at least 1"):
+        spec.shard_of(0)
+    with pytest.raises(TypeError, match="shard"):
+        LossSpec("mpa", 4, 1, 32.0, 0.1, shard=1)
