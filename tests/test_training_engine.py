@@ -281,6 +281,11 @@ for loss in cfg["losses"]:
     torch.save({"model": run.model_state(), "history": run.history, "grads": grads},
                out / f"{loss}_{name}.pt")
 distributed.shutdown(ctx)
+# Leave without Python's finalisation: gloo's threads may still be alive then, and a C++ thread
+# destroyed while joinable aborts the process (SIGABRT) after a run that passed.
+import os
+sys.stdout.flush()
+os._exit(0)
 """
 
 

@@ -598,7 +598,9 @@ def _linear_terms_op(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, los
                      num_classes: int, proxies_per_class: int, similarity: str, alpha: float,
                      delta: float, gamma: float, deterministic: bool, filter_eps: float,
                      allow_tf32: bool) -> torch.Tensor:
-    spec = LossSpec(loss, num_classes, proxies_per_class, alpha, delta, gamma, similarity)
+    # A shard: the caller checked the whole loss; a class-parallel rank may own a single class.
+    spec = LossSpec(loss, num_classes, proxies_per_class, alpha, delta, gamma, similarity,
+                    shard=True)
     return fused_linear_forward(x, w, labels, spec, Options(deterministic, filter_eps, allow_tf32))
 
 
@@ -616,7 +618,9 @@ def _linear_terms_backward_op(grad: torch.Tensor, x: torch.Tensor, w: torch.Tens
                               alpha: float, delta: float, gamma: float, deterministic: bool,
                               filter_eps: float,
                               allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    spec = LossSpec(loss, num_classes, proxies_per_class, alpha, delta, gamma, similarity)
+    # A shard: the caller checked the whole loss; a class-parallel rank may own a single class.
+    spec = LossSpec(loss, num_classes, proxies_per_class, alpha, delta, gamma, similarity,
+                    shard=True)
     return fused_linear_backward(grad, x, w, labels, terms, spec,
                                  Options(deterministic, filter_eps, allow_tf32))
 
