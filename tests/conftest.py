@@ -21,3 +21,15 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def no_data(monkeypatch):
+    """Reading a dataset fails the test: what the harness checks up front (settings, checkpoints,
+    refusals) must come before it."""
+    from training import datasets
+
+    def load(cfg):
+        raise AssertionError("a dataset was read before the up-front checks finished")
+
+    monkeypatch.setattr(datasets, "load", load)

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from training import cli, config, datasets
+from training import cli, config
 from training.config import ConfigError
 
 
@@ -87,14 +87,6 @@ def test_bad_setting_is_refused_naming_the_key(argv, message):
     with pytest.raises(ConfigError, match=message):
         config.from_argv(argv)
 
-
-@pytest.fixture
-def no_data(monkeypatch):
-    """Reading a dataset fails the test: the refusals must come before it."""
-    def load(cfg):
-        raise AssertionError("a dataset was read before the refusal")
-
-    monkeypatch.setattr(datasets, "load", load)
 
 
 def _refusal(argv, capsys) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training import cli, config, datasets, distributed, engine
+from training import cli, config, distributed, engine
 from training.engine import Run
 
 CPU = distributed.Context(0, 1, torch.device("cpu"))
@@ -84,14 +84,6 @@ def trained(tmp_path_factory) -> Path:
     torch.set_num_threads(before)
     return run_dir
 
-
-@pytest.fixture
-def no_data(monkeypatch):
-    """Reading a dataset fails the test: checkpoint checks must come before it."""
-    def load(cfg):
-        raise AssertionError("a dataset was read before the checkpoint was checked")
-
-    monkeypatch.setattr(datasets, "load", load)
 
 
 def _resume(path: Path, run_dir: Path, loss: str = "mpa", **over) -> Run:
