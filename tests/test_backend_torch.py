@@ -55,10 +55,10 @@ def _labels(n, c, kind, gen):
     return torch.randint(0, high, (n,), generator=gen)
 
 
-def _inputs(n, c, k, kind, dtype, seed=0):
+def _inputs(n, c, k, kind, dtype, seed=0, d=D):
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, D, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
-    w = torch.randn(c * k, D, generator=gen, dtype=torch.float64)
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    w = torch.randn(c * k, d, generator=gen, dtype=torch.float64)
     # Row norms spread over 0.1 .. 10 (log-uniform), so that the normalisation matters.
     w = w * torch.exp(torch.empty(c * k, 1, dtype=torch.float64).uniform_(-2.3, 2.3, generator=gen))
     return x, _labels(n, c, kind, gen), w.to(dtype).requires_grad_()
@@ -293,6 +293,21 @@ def test_memory_does_not_grow_with_n_c_k(loss, monkeypatch):
     assert _peak_bytes(run("torch")) < s_bytes / 2
 
 
+@pytest.mark.parametrize("loss", ["mpa_dw", "soft_triple"])
+def test_row_wise_keeps_its_rows_in_the_gradient(loss, monkeypatch):
+    """Where N (K + 2) <= K d, a row-wise loss's mean keeps every row's J, logits and 1/Z in the
+    proxies' gradient buffer between its two visits: beyond the gradients, a quarter of the
+    N x C x (K + 2) numbers it keeps at most (what remains is the chunks' buffers)."""
+    (n, c, k), (x, y, w) = _memory_case(96, monkeypatch)  # 64 * 6 <= 4 * 96
+    monkeypatch.setattr(torch_chunked, "ROW_BLOCK_BYTES", 1 << 40)  # one block, were it a buffer
+    chosen = _set_row_regime(monkeypatch, "gradient", 1)
+    grads_bytes = (n + c * k) * x.shape[1] * 4
+    peak = _peak_bytes(lambda: MULTI_PROXY[loss](x, y, w, proxies_per_class=k, tau=0.2,
+                                                 backend="torch", validate=False).backward())
+    assert chosen == [(n, "gradient")]
+    assert peak - grads_bytes < n * c * (k + 2) * 4 / 4
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("loss", ["mpa", "mpa_dw"])
 def test_memory_has_no_proxy_sized_temporary(loss, reduction, monkeypatch):
@@ -355,37 +370,86 @@ def test_row_wise_keeps_no_regularizer_matrices(loss, monkeypatch):
     assert peak - grads_bytes < c * k * k * 4 / 2
 
 
-# The row-wise losses' three regimes: every row in one block that keeps its J (the default at
-# these sizes), blocks of a few rows, and one block that keeps nothing and recomputes.
-ROW_REGIMES = {"blocks": (1 << 12, 1), "recompute": (1 << 12, 1 << 30)}
+# The row-wise losses' four regimes, as (rows that ROW_BLOCK_BYTES holds, MIN_BLOCK_ROWS,
+# KEEP_IN_GRADIENT): every row in one block that keeps what its second visit needs in the proxies'
+# gradient buffer (the default where it fits, as at d = 32 here), or in a buffer of its own (where
+# it does not), blocks of a few rows, and one block that keeps nothing and recomputes.
+ROW_REGIMES = {
+    "gradient": (1 << 20, 1, True),
+    "buffer": (1 << 20, 1, False),
+    "blocks": (4, 1, False),
+    "recompute": (4, 1 << 30, False),
+}
+
+
+def _set_row_regime(monkeypatch, regime, row_bytes):
+    """Sets the regime's constants for rows of row_bytes kept bytes (C classes times the numbers
+    kept per row and class, fp64), and returns the list of (rows, keep) the sweeps choose."""
+    rows, min_rows, in_gradient = ROW_REGIMES[regime]
+    monkeypatch.setattr(torch_chunked, "ROW_BLOCK_BYTES", rows * row_bytes)
+    monkeypatch.setattr(torch_chunked, "MIN_BLOCK_ROWS", min_rows)
+    monkeypatch.setattr(torch_chunked, "KEEP_IN_GRADIENT", in_gradient)
+    chosen = []
+    choose = torch_chunked._row_blocks
+
+    def spy(*args):
+        chosen.append(choose(*args))
+        return chosen[-1]
+
+    monkeypatch.setattr(torch_chunked, "_row_blocks", spy)
+    return chosen
+
+
+def _assert_regime(chosen, regime, n):
+    keep = {"gradient": "gradient", "buffer": "buffer", "blocks": "buffer", "recompute": None}
+    assert chosen and all(k == keep[regime] for _, k in chosen), chosen
+    assert all((rows < n) == (regime == "blocks") for rows, _ in chosen), chosen
 
 
 @pytest.mark.parametrize("regime", list(ROW_REGIMES))
 @pytest.mark.parametrize("similarity", ["softmax", "max", "mean"])
 @pytest.mark.parametrize("loss", ["mpa_dw", "mpa_ap", "soft_triple"])
 def test_row_wise_regimes_match_reference(loss, similarity, regime, monkeypatch):
-    row_bytes, min_rows = ROW_REGIMES[regime]
-    monkeypatch.setattr(torch_chunked, "ROW_BLOCK_BYTES", row_bytes)
-    monkeypatch.setattr(torch_chunked, "MIN_BLOCK_ROWS", min_rows)
     n, c, k, kind = SHAPES["odd"]
+    kept = {"softmax": k + 2, "max": k + 1, "mean": 1}[similarity]  # J, the logit, 1/Z
+    chosen = _set_row_regime(monkeypatch, regime, c * kept * 8)
     _chunk_classes(monkeypatch, 2, n, k)
-    x, y, w = _inputs(n, c, k, kind, torch.float64)
+    x, y, w = _inputs(n, c, k, kind, torch.float64, d=32)
     kwargs = dict(proxies_per_class=k, similarity=similarity, tau=0.2)
     got = _value_and_grads(MULTI_PROXY[loss], x, y, w, "torch", **kwargs)
     want = _value_and_grads(MULTI_PROXY[loss], x, y, w, "reference", **kwargs)
     _assert_matches(got, want, 1e-10)
+    _assert_regime(chosen, regime, n)
+
+
+def test_gradient_regime_needs_room_and_the_proxies_gradient(monkeypatch):
+    """What is kept must fit in a chunk's rows of the gradient (N (k + 2) <= K d for the softmax),
+    and there must be a gradient of the proxies to keep it in; else a buffer of its own."""
+    n, c, k, _ = SHAPES["odd"]  # 13 * 5 > 3 * 16
+    chosen = _set_row_regime(monkeypatch, "gradient", c * (k + 2) * 8)
+    x, y, w = _inputs(n, c, k, "random", torch.float64)
+    want = _value_and_grads(MF.mpa_dw_loss, x, y, w, "reference", proxies_per_class=k)
+    _assert_matches(_value_and_grads(MF.mpa_dw_loss, x, y, w, "torch", proxies_per_class=k),
+                    want, 1e-10)
+    (gx,) = torch.autograd.grad(MF.mpa_dw_loss(x, y, w.detach(), proxies_per_class=k,
+                                               backend="torch"), [x])
+    _assert_matches([gx], want[1:2], 1e-10)
+    assert [keep for _, keep in chosen] == ["buffer", "buffer"]
+    x, y, w = _inputs(n, c, k, "random", torch.float64, d=22)  # 13 * 5 <= 3 * 22
+    _value_and_grads(MF.mpa_dw_loss, x, y, w, "torch", proxies_per_class=k)
+    MF.mpa_dw_loss(x, y, w.detach(), proxies_per_class=k, backend="torch").backward()
+    assert [keep for _, keep in chosen[2:]] == ["gradient", "buffer"]
 
 
 @pytest.mark.parametrize("regime", [None, *ROW_REGIMES])
 def test_proxy_nca_regimes_match_reference(regime, monkeypatch):
-    if regime is not None:
-        row_bytes, min_rows = ROW_REGIMES[regime]
-        monkeypatch.setattr(torch_chunked, "ROW_BLOCK_BYTES", row_bytes // 8)
-        monkeypatch.setattr(torch_chunked, "MIN_BLOCK_ROWS", min_rows)
+    chosen = _set_row_regime(monkeypatch, regime, 7 * 8) if regime is not None else None
     x, y, w = _inputs(13, 7, 1, "random", torch.float64)
     got = _value_and_grads(MF.proxy_nca_loss, x, y, w, "torch")
     want = _value_and_grads(MF.proxy_nca_loss, x, y, w, "reference")
     _assert_matches(got, want, 1e-10)
+    if regime is not None:
+        _assert_regime(chosen, regime, 13)
 
 
 @pytest.mark.parametrize("gamma", [1e-3, 1e-4, 1e-6])

@@ -18,8 +18,10 @@ inputs that do not require grad, the forward is the one GEMM.
   chunk: one sweep of all samples over the classes.
 * row-wise family (MPA-DW, MPA-AP, SoftTriple, ProxyNCA): a sample's log-sum-exp runs over all
   classes, so a block of samples visits the classes twice: once for an online log-sum-exp,
-  keeping each chunk's Jacobian and logits, once for the gradients. The blocks are as large as
-  :data:`ROW_BLOCK_BYTES` of kept numbers allows (all samples in one block at most sizes); where
+  keeping each chunk's Jacobian and logits, once for the gradients. Where they fit (N (k + 2) <=
+  K d, as at the paper's shapes), all samples form one block that keeps them in the chunks' own
+  rows of the proxies' gradient, which only the second visit writes: no memory beyond the
+  gradient. Else the blocks are as large as :data:`ROW_BLOCK_BYTES` of kept numbers allows; where
   that would leave fewer than :data:`MIN_BLOCK_ROWS` rows per block, all samples form one block
   that keeps nothing and recomputes each chunk on its second visit (a fourth GEMM).
 
@@ -33,8 +35,9 @@ Raw proxies (:func:`proxy_loss`): the proxies' normalisation and the regulariser
 the same sweep. The proxies' inverse norms are computed once (C*K numbers); the GEMMs read the raw
 rows and the norms scale the chunk's similarities (the mean mode's GEMMs read the classes' means
 of the unit rows, formed per chunk). The regulariser's share of a chunk's classes and its gradient
-are formed when the chunk's gradient is complete, and the gradient is projected through the
-normalisation there, in the one gradient buffer of the raw proxies. :func:`similarity_loss`
+are formed from the classes' K x K Gram matrices when the chunk's gradient is complete, and the
+gradient is projected through the normalisation there, in the one gradient buffer of the raw
+proxies: one batched product for both, and no unit row formed. :func:`similarity_loss`
 (proxies already unit, no regulariser) is the same sweep without the normalisation.
 
 The terms (:func:`proxy_terms`, :func:`similarity_terms`): the same sweeps, written once for an
@@ -51,11 +54,11 @@ positive and every class is its negative.
 
 Memory above the inputs and the gradients: the chunk buffers, two of ``chunk_elements`` elements
 (the default :data:`DEFAULT_CHUNK_ELEMENTS`; a chunk holds at least one class, so the bound is
-``max(chunk_elements, N*K)``) and the chunk's unit proxies (``chunk_elements / N * K / k * d``
-elements, k the GEMMs' rows per class); a few block x chunk similarity-level tensors; ``O(N + C*K)``
-vectors; and, for the row-wise family's mean with gradients, at most ``ROW_BLOCK_BYTES`` (48 MiB)
-kept between a block's two visits. Nothing of the proxies' size, and nothing of size C*K*K, is
-formed.
+``max(chunk_elements, N*K)``), the chunk's K x K Gram matrices and, in the mean mode, its unit
+proxies (``chunk_elements / N * K / k * d`` elements, k the GEMMs' rows per class); a few block x
+chunk similarity-level tensors; ``O(N + C*K)`` vectors; and, for the row-wise family's mean with
+gradients where the proxies' gradient cannot hold it, at most ``ROW_BLOCK_BYTES`` (48 MiB) kept
+between a block's two visits. Nothing of the proxies' size, and nothing of size C*K*K, is formed.
 """
 
 from __future__ import annotations
@@ -86,6 +89,9 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 18
 ROW_BLOCK_BYTES = 48 << 20
 # Blocks thinner than this are not formed: all rows go in one block that recomputes its chunks.
 MIN_BLOCK_ROWS = 64
+# Where it fits, what a row-wise loss keeps goes in the proxies' gradient buffer instead (see
+# _row_blocks); off, it goes in blocks of ROW_BLOCK_BYTES. Read at call time, so tests can switch.
+KEEP_IN_GRADIENT = True
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -291,45 +297,60 @@ def _reduction(problem: _Problem, dtype: torch.dtype):
 # ds u = (ds * inv) v: the normalisation costs two scalings of the chunk's similarities and no copy
 # of the proxies, and the gradient buffer accumulates du' = inv * dL/du = (ds * inv)^T x. The
 # gradient through the normalisation (as F.normalize's) is dv = inv (du - u (u . du)), i.e.
-# dv = du' - u (u . du'), and dv = du / eps = du' for a row whose norm was clamped (there
-# u = v / eps is linear in v).
+# dv = du' - u (u . du') = du' - c v with c = inv^2 (v . du'), and dv = du / eps = du' (c = 0) for
+# a row whose norm was clamped (there u = v / eps is linear in v).
 #
 # Regulariser (eq. 3): R = a sum_c sum_{t<s} sqrt(2 - 2 min(u_ct . u_cs, 1) + eps), a = 1/(C K (K-1)).
 # d sqrt(2 - 2 m + eps) / d m = -1 / sqrt(2 - 2 m + eps), and the clamp passes the gradient where
 # m <= 1 (torch's clamp includes its bound). A pair {t, s} is summed once but its term depends on
 # both u_ct (through u_cs) and u_cs (through u_ct), so with the symmetric K x K matrix
 #   G_ts = G_st = -a / sqrt(2 - 2 m_ts + eps)  (t != s, m_ts <= 1),  0 elsewhere (diagonal too),
-# dR/dU_c = G U_c: one batched (K x K) @ (K x d) product per class, no factor 2 (du' gets inv G U).
+# dR/dU_c = G U_c (no factor 2), and du' gets inv G U = diag(inv) G diag(inv) V.
 #
-# Mean mode: the GEMMs see wbar_c = mean_k u_ck, so du'_ck = inv_ck dwbar_c / K for every k.
+# Everything the regulariser and the projection need of a class's rows beyond the GEMMs' du' is in
+# its Gram matrix A = V V^T (K x K, one batched product per chunk): the norms are sqrt(A_tt), the
+# unit rows' similarities m_ts = inv_t inv_s A_ts, and with Mr = diag(inv) G diag(inv)
+#   v_t . du'_t = v_t . D_t + sum_s Mr_ts A_ts,   D = (ds * inv)^T x, the GEMMs' part,
+# where v_t . D_t is the diagonal of V D^T (a batched product too: K times the multiply-adds of
+# the row dots, but in a GEMM kernel, and faster than them on CPU). The regulariser's gradient and
+# the projection are then one batched product into the gradient buffer: dv = D + (Mr - diag(c)) V.
+# No unit row is formed.
+#
+# Mean mode: the GEMMs see wbar_c = mean_k u_ck (unit rows formed per chunk for that), so
+# D_ck = inv_ck dwbar_c / K for every k; the rest is as above.
 
 
 def _inverse_norms(w: torch.Tensor):
-    """1 / max(||v||, eps) of every row (C*K, 1), and the mask ||v|| > eps."""
-    norm = torch.linalg.vector_norm(w, dim=1, keepdim=True)
+    """1 / max(||v||, eps) of every row (rows, 1), and the mask ||v|| > eps."""
+    return _norm_terms(torch.linalg.vector_norm(w, dim=1, keepdim=True))
+
+
+def _gram(v3: torch.Tensor) -> torch.Tensor:
+    return torch.bmm(v3, v3.transpose(1, 2))
+
+
+def _norm_terms(norm: torch.Tensor):
+    """1 / max(||v||, eps) and the mask ||v|| > eps from the norms (any shape), in place."""
     unclamped = norm > _NORM_EPS
     return norm.clamp_min_(_NORM_EPS).reciprocal_(), unclamped
 
 
-def _regularizer(u3: torch.Tensor, problem: _Problem, weight: float | None):
-    """Eq. 3's sum over the chunk's classes (a included) from their unit proxies u3 (m, K, d), and
-    unless weight is None the matrix weight * G (m, K, K) of the derivation above."""
-    k = problem.proxies_per_class
-    sims = torch.bmm(u3, u3.transpose(1, 2))
+def _regularizer(sims: torch.Tensor, upper: torch.Tensor, scale: float, weight: float | None):
+    """Eq. 3's sum over the chunk's classes from their unit proxies' similarities sims (m, K, K),
+    times scale (a), and unless weight is None the matrix weight * G (m, K, K) of the derivation
+    above. upper: the flattened pairs t < s of as many classes, 1 and 0."""
     # 2 (1 - m) + eps, in that order: 2 + eps rounds to 2 in fp32, which would make the distance of
     # two identical proxies 0 and its reciprocal below inf. 2 (1 - m) rounds exactly as 2 - 2 m.
-    dist = sims.clamp(max=1.0).neg_().add_(1.0).mul_(2.0).add_(_REGULARIZER_EPS).sqrt_()
-    a = 1.0 / (problem.num_classes * k * (k - 1))
-    # The pairs t < s by a product with the mask, not a boolean index (a gather per chunk).
-    upper = torch.ones(k, k, dtype=dist.dtype, device=u3.device).triu_(1)
-    value = torch.tensordot(dist, upper, dims=([1, 2], [0, 1])).sum() * a
+    dist = torch.rsub(sims.clamp(max=1.0), 1.0).mul_(2.0).add_(_REGULARIZER_EPS).sqrt_()
+    # The pairs by a product with the mask, not a boolean index (a gather per chunk).
+    value = torch.dot(dist.view(-1), upper[:dist.numel()]) * scale
     if weight is None:
         return value, None
-    off_diagonal = ~torch.eye(k, dtype=torch.bool, device=u3.device)
-    # A select, not a product with the mask: in fp32 the eps vanishes next to 2 and the
-    # diagonal's distance is 0, its reciprocal inf.
-    g = torch.where((sims <= 1.0) & off_diagonal, dist.reciprocal_(), 0.0).mul_(-a * weight)
-    return value, g
+    # A select, not a product with a mask: in fp32 the eps vanishes next to 2 and the diagonal's
+    # distance is 0, its reciprocal inf.
+    g = torch.where(sims <= 1.0, dist.reciprocal_(), 0.0)
+    g.diagonal(0, 1, 2).zero_()
+    return value, g.mul_(-scale * weight)
 
 
 @dataclass
@@ -338,9 +359,10 @@ class _Chunk:
     stop: int
     v: torch.Tensor  # its rows of the proxies as given, (m*K, d)
     inv: torch.Tensor | None  # their 1/||v|| (m*K, 1), when they are to be normalised
-    unclamped: torch.Tensor | None  # ||v|| > eps, (m*K, 1)
+    proj: torch.Tensor | None  # c / (v . du') of the projection: inv^2, 0 where clamped (m*K, 1)
     w: torch.Tensor  # the GEMMs' operand (m*k, d): v, or the class means of u in the mean mode
     col_scale: torch.Tensor | None  # (m*k,): what scales x w^T into s (inv), None if nothing
+    gram: torch.Tensor | None = None  # V V^T (m, K, K) where the norms came from it, for finish
 
 
 class _Proxies:
@@ -348,48 +370,51 @@ class _Proxies:
 
     def __init__(self, w: torch.Tensor, problem: _Problem, per_chunk: int) -> None:
         self.w, self.problem = w, problem
-        self.inv = self.unclamped = None
+        self.inv = self.proj = None
         if problem.normalise:
             # Filled chunk by chunk on the first visit, while the chunk's rows are on their way to
             # its GEMM, rather than by a pass of their own over all the proxies.
-            self.inv = w.new_empty(w.shape[0], 1)
-            self.unclamped = torch.empty(w.shape[0], 1, dtype=torch.bool, device=w.device)
+            self.inv, self.proj = w.new_empty(w.shape[0], 1), w.new_empty(w.shape[0], 1)
         self.normed = 0  # rows of inv filled so far (chunks are first visited in order)
         kp, d = problem.proxies_per_class, w.shape[1]
-        # The unit rows of a chunk are formed only for the mean mode and the regulariser.
-        need_u = problem.normalise and (problem.averaged or problem.tau)
-        self.u_buf = w.new_empty(per_chunk * kp * d) if need_u else None
+        if problem.tau:
+            self.upper = torch.ones(kp, kp, dtype=w.dtype, device=w.device).triu_(1).expand(
+                per_chunk, kp, kp).reshape(-1)
+            self.reg_scale = 1.0 / (problem.num_classes * kp * (kp - 1))
+        # Unit rows are formed only for the mean mode's class means.
+        self.u_buf = w.new_empty(per_chunk * kp * d) if problem.averaged else None
         self.mean_buf = w.new_empty(per_chunk * d) if problem.averaged else None
 
-    def chunk(self, start: int, stop: int) -> _Chunk:
+    def chunk(self, start: int, stop: int, with_gram: bool = False) -> _Chunk:
+        """Classes [start, stop). with_gram: the regulariser's Gram matrices are formed now (and
+        the norms read from them), for a finish in the same visit; else the norms are computed
+        alone and finish forms the Gram matrices itself."""
         kp = self.problem.proxies_per_class
         v = self.w[start * kp:stop * kp]
-        inv = unclamped = None
+        inv = proj = gram = None
         if self.inv is not None:
-            inv, unclamped = self.inv[start * kp:stop * kp], self.unclamped[start * kp:stop * kp]
+            inv, proj = self.inv[start * kp:stop * kp], self.proj[start * kp:stop * kp]
+            with_gram = with_gram and bool(self.problem.tau)
+            if with_gram:
+                gram = _gram(v.view(stop - start, kp, -1))
             if stop * kp > self.normed:
-                norm_inv, mask = _inverse_norms(v)
+                norm_inv, mask = (_norm_terms(gram.diagonal(0, 1, 2).reshape(-1, 1).sqrt())
+                                  if gram is not None else _inverse_norms(v))
                 inv.copy_(norm_inv)
-                unclamped.copy_(mask)
+                torch.mul(norm_inv.square_(), mask, out=proj)
                 self.normed = stop * kp
-        chunk = _Chunk(start, stop, v, inv, unclamped, v, None)
+        chunk = _Chunk(start, stop, v, inv, proj, v, None, gram)
         if self.problem.averaged:
-            u = self.unit(chunk)
             m, d = stop - start, v.shape[1]
+            u = v if inv is None else torch.mul(v, inv, out=self.u_buf[:v.numel()].view(v.shape))
             chunk.w = torch.mean(u.view(m, kp, d), 1, out=self.mean_buf[:m * d].view(m, d))
         elif inv is not None:
             chunk.col_scale = inv.view(-1)
         return chunk
 
-    def unit(self, chunk: _Chunk) -> torch.Tensor:
-        """The chunk's unit rows (m*K, d), in the chunk buffer."""
-        if chunk.inv is None:
-            return chunk.v
-        return torch.mul(chunk.v, chunk.inv, out=self.u_buf[:chunk.v.numel()].view(chunk.v.shape))
-
     def add_grad(self, chunk: _Chunk, ds: torch.Tensor, x: torch.Tensor, du: torch.Tensor,
                  first: bool) -> None:
-        """du (this chunk's rows of the gradient buffer) = or += du' of ds (n, m*k) and x (n, d)."""
+        """du (this chunk's rows of the gradient buffer) = or += D of ds (n, m*k) and x (n, d)."""
         if not self.problem.averaged:
             if first:
                 torch.mm(ds.T, x, out=du)
@@ -406,26 +431,35 @@ class _Proxies:
             du3.addcmul_(dwbar, factor)
 
     def finish(self, chunk: _Chunk, du: torch.Tensor | None, weight: float = 0.0):
-        """The chunk's share of eq. 3 (0 without it) and, with du, its final gradient in place:
-        the regulariser's share, scaled by weight (tau in the loss, the regulariser's upstream
-        gradient in the terms), and the projection through the normalisation."""
+        """The chunk's share of eq. 3 (0 without it) and, with du (holding D), its final gradient
+        in place: the regulariser's share, scaled by weight (tau in the loss, the regulariser's
+        upstream gradient in the terms), and the projection through the normalisation."""
         problem, kp = self.problem, self.problem.proxies_per_class
-        if not problem.tau:
-            if du is not None and chunk.inv is not None:
-                dot = torch.linalg.vecdot(chunk.v, du, dim=1).unsqueeze(1)
-                du.addcmul_(chunk.v, dot.mul_(chunk.inv.square()).mul_(chunk.unclamped),
-                            value=-1.0)
+        if chunk.inv is None:  # unit proxies given: no normalisation, and no regulariser
             return 0.0
-        u = self.unit(chunk)
-        u3 = u.view(-1, kp, u.shape[1])
-        value, g = _regularizer(u3, problem, weight if du is not None and weight else None)
-        if du is not None:
-            # inv G U, then the projection with u itself (not v inv): two proxies that coincide
-            # get G's large entries along u, which the projection then removes exactly.
+        v3 = chunk.v.view(-1, kp, chunk.v.shape[1])
+        value, mr = 0.0, None
+        if problem.tau:
+            gram = chunk.gram if chunk.gram is not None else _gram(v3)
+            inv3 = chunk.inv.view(-1, kp, 1)
+            outer = inv3 * inv3.transpose(1, 2)
+            value, g = _regularizer(gram * outer, self.upper, self.reg_scale,
+                                    weight if du is not None and weight else None)
             if g is not None:
-                du.view(u3.shape).baddbmm_(g.mul_(chunk.inv.view(-1, kp, 1)), u3)
-            dot = torch.linalg.vecdot(u, du, dim=1).unsqueeze(1).mul_(chunk.unclamped)
-            du.addcmul_(u, dot, value=-1.0)
+                mr = g.mul_(outer)
+        if du is None:
+            return value
+        du3 = du.view(v3.shape)
+        # c = inv^2 (v . du') masked, v . du' = diag(V D^T) (+ sum_s Mr_ts A_ts).
+        dot = torch.bmm(v3, du3.transpose(1, 2)).diagonal(0, 1, 2)
+        if mr is not None:
+            dot = dot + (mr * gram).sum(2)
+        coef = dot.reshape(-1, 1).mul_(chunk.proj)
+        if mr is None:
+            du.addcmul_(chunk.v, coef, value=-1.0)
+        else:
+            mr.diagonal(0, 1, 2).sub_(coef.view(-1, kp))
+            du3.baddbmm_(mr, v3)
         return value
 
 
@@ -443,15 +477,27 @@ class _Visit:
 
 
 class _Block:
-    """Rows [lo, hi) of x against every class, chunk by chunk; t of chunk j in t_store[j] when a
-    store is given (the whole block's J is then kept), else in one reused buffer."""
+    """Rows [lo, hi) of x against every class, chunk by chunk. With a store (one flat region per
+    chunk, of _kept_per_class numbers per row and class), a visit leaves in chunk j's region what
+    the second visit needs (J, the logits, 1/Z), and the whole block is kept; else a visit's J is
+    in one reused buffer. in_gradient: the regions are the chunks' own rows of the proxies'
+    gradient buffer, overwritten by the second visit's GEMM, which must then read from elsewhere.
+    with_gram: the chunks are finished in the visit that forms them (the column-wise sweep)."""
 
-    def __init__(self, xs, labels, problem, reduction, proxies, per_chunk, t_store=None):
+    def __init__(self, xs, labels, problem, reduction, proxies, per_chunk, store=None,
+                 in_gradient=False, with_gram=False):
         self.xs, self.problem, self.reduction, self.proxies = xs, problem, reduction, proxies
+        self.with_gram = with_gram
         n, k, c = xs.shape[0], problem.k, problem.num_classes
         self.per_chunk, self.starts = per_chunk, list(range(0, c, per_chunk))
-        self.t_store = t_store
-        self.t_buf = xs.new_empty(n * per_chunk * k) if t_store is None else None
+        self.store, self.in_gradient = store, in_gradient
+        identity = isinstance(reduction, _Identity)
+        # J's buffer where it is not kept, and ds's where J is kept in the gradient's rows.
+        self.t_buf = (xs.new_empty(n * per_chunk * k)
+                      if store is None or identity or in_gradient else None)
+        # The gradients dL/dS of a chunk, formed from its logits (which may be kept in the
+        # gradient's rows too).
+        self.g_buf = xs.new_empty(n * per_chunk)
         self.e_buf = (xs.new_empty(n * per_chunk * k) if isinstance(reduction, _Softmax)
                       else None)
         # Rows sorted by label: those whose positive lies in a chunk are one slice of the order.
@@ -463,9 +509,11 @@ class _Block:
         n, k, problem = self.xs.shape[0], self.problem.k, self.problem
         start = self.starts[j]
         stop = min(problem.num_classes, start + self.per_chunk)
-        chunk = self.proxies.chunk(start, stop)
-        size = n * (stop - start) * k
-        buf = self.t_buf if self.t_store is None else self.t_store[j]
+        chunk = self.proxies.chunk(start, stop, self.with_gram)
+        size, m = n * (stop - start) * k, stop - start
+        identity = isinstance(self.reduction, _Identity)
+        region = self.store[j] if self.store is not None else None
+        buf = self.t_buf if region is None or identity else region
         t2 = torch.mm(self.xs, chunk.w.T, out=buf[:size].view(n, -1))
         if chunk.col_scale is not None:
             t2.mul_(chunk.col_scale)
@@ -474,16 +522,34 @@ class _Block:
         s, inv_z = self.reduction.forward(t, e)
         lo, hi = self.cuts[j], self.cuts[j + 1]
         rows, cols = self.order[lo:hi], self.sorted_labels[lo:hi] - start
-        z = torch.add(s, problem.negative_delta).mul_(problem.alpha)
+        z_out = None
+        if region is not None:  # the logits and 1/Z after J (where J is kept) in the region
+            at = 0 if identity else size
+            z_out = region[at:at + n * m].view(n, m)
+            if inv_z is not None:
+                inv_z = region[at + n * m:at + 2 * n * m].view(n, m).copy_(inv_z)
+        z = torch.add(s, problem.negative_delta, out=z_out).mul_(problem.alpha)
         z.index_put_((rows, cols), z.new_tensor(float("-inf")))
         return _Visit(chunk, t, inv_z, z, rows, cols)
+
+    def gradient_of(self, visit: _Visit, norm: torch.Tensor, weight: torch.Tensor):
+        """weight e^(z - norm) of a visited chunk (n, m), out of the chunk's region."""
+        n, m = visit.z.shape
+        return torch.sub(visit.z, norm.unsqueeze(1),
+                         out=self.g_buf[:n * m].view(n, m)).exp_().mul_(weight)
 
     def write_grads(self, visit: _Visit, g: torch.Tensor, x, dx, dw, first: bool) -> None:
         """G = dL/dS of a visited chunk (n, m), overwritten -> ds -> dx += ds u[chunk] and the
         chunk's du' (= when first, else +=)."""
         if visit.inv_z is not None:
             g.mul_(visit.inv_z)
-        ds = g if isinstance(self.reduction, _Identity) else visit.t.mul_(g.unsqueeze(-1))
+        if isinstance(self.reduction, _Identity):
+            ds = g
+        elif self.in_gradient:
+            ds = torch.mul(visit.t, g.unsqueeze(-1),
+                           out=self.t_buf[:visit.t.numel()].view(visit.t.shape))
+        else:
+            ds = visit.t.mul_(g.unsqueeze(-1))
         ds = ds.view(x.shape[0], -1)
         chunk = visit.chunk
         if chunk.col_scale is not None:
@@ -585,7 +651,8 @@ def _column_wise(x, w, labels, problem, reduction, chunk_elements, grads=None, k
         g_pos = (q - p[index]).exp_().mul_(g_p[index]).mul_(-alpha)
     per_chunk = _classes_per_chunk(chunk_elements, x.shape[0], problem, x.shape[1])
     proxies = _Proxies(w, problem, per_chunk)
-    block = _Block(_scaled(x, reduction), labels, problem, reduction, proxies, per_chunk)
+    block = _Block(_scaled(x, reduction), labels, problem, reduction, proxies, per_chunk,
+                   with_gram=True)
     negative = q.new_empty(c)
     regularizer = []
     for j in range(len(block.starts)):
@@ -646,26 +713,40 @@ def _row_extra(loss: str, q: torch.Tensor):
     return torch.zeros_like(q), torch.zeros_like(q)
 
 
-def _row_blocks(n: int, problem: _Problem, reduction, itemsize: int) -> tuple[int, bool]:
-    """Rows per block of the row-wise sweep with gradients, and whether a block keeps its J."""
-    c, k = problem.num_classes, problem.k
-    # Kept per row and class: the logits, 1/Z (softmax) and J (K numbers; none in the identity).
-    per_row = c * (1 + isinstance(reduction, _Softmax)
-                   + (0 if isinstance(reduction, _Identity) else k)) * itemsize
-    rows = ROW_BLOCK_BYTES // per_row
+def _kept_per_class(problem: _Problem, reduction) -> int:
+    """Numbers a row-wise block keeps per row and class between its visits: the logit, 1/Z
+    (softmax) and J (k numbers; none in the identity)."""
+    return (1 + isinstance(reduction, _Softmax)
+            + (0 if isinstance(reduction, _Identity) else problem.k))
+
+
+def _row_blocks(x: torch.Tensor, dw: torch.Tensor | None, problem: _Problem,
+                reduction) -> tuple[int, str | None]:
+    """Rows per block of the row-wise sweep with gradients, and where a block keeps what its
+    second visit needs: "gradient" (in the proxies' gradient buffer), "buffer", or None (it
+    recomputes)."""
+    n, d = x.shape
+    per_class = _kept_per_class(problem, reduction)
+    # A chunk's rows of the proxies' gradient (m K d numbers) are written only by its second
+    # visit, by the GEMM that consumes what was kept: until then they hold all rows' J, logits and
+    # 1/Z (n m per_class numbers) where those fit, which needs nothing beyond the gradient itself.
+    if (KEEP_IN_GRADIENT and dw is not None and dw.dtype == x.dtype
+            and n * per_class <= problem.proxies_per_class * d):
+        return n, "gradient"
+    rows = ROW_BLOCK_BYTES // (problem.num_classes * per_class * x.element_size())
     if rows >= n:
-        return n, True
+        return n, "buffer"
     if rows < MIN_BLOCK_ROWS:
-        return n, False  # one block that recomputes
+        return n, None  # one block that recomputes
     blocks = -(-n // rows)
-    return -(-n // blocks), True
+    return -(-n // blocks), "buffer"
 
 
 def _row_wise(x, w, labels, problem, reduction, chunk_elements, grads=None, known=None):
     """(lse, extra) (2, N), q and eq. 3's sum; grads.upstream(lo, hi, lse_b) gives (g_lse,
     g_extra) of rows [lo, hi). known: the terms and q of an earlier forward; the log-sum-exp
     visits are then skipped and the gradients' visits recompute their chunks."""
-    n, c, k = x.shape[0], problem.num_classes, problem.k
+    n, c = x.shape[0], problem.num_classes
     with_q = _ROW_WISE[problem.loss][1]
     if known is None:
         valid, index = _label_index(labels, c)
@@ -679,22 +760,28 @@ def _row_wise(x, w, labels, problem, reduction, chunk_elements, grads=None, know
     # The running max's floor: a row may have no logit yet (a chunk may hold nothing but its
     # positive, all -inf there), or none at all (MPA-DW with one class); e^(-inf - floor) = 0.
     floor = torch.finfo(x.dtype).min
-    rows, keep = (_row_blocks(n, problem, reduction, x.element_size())
-                  if grads is not None and known is None else (n, False))
+    rows, keep = (_row_blocks(x, grads.dw, problem, reduction)
+                  if grads is not None and known is None else (n, None))
     # Chunks of as many classes as in the class sweep (a block's tiles are the smaller), so that the
     # proxies' side of a chunk stays bounded by the budget too.
     per_chunk = _classes_per_chunk(chunk_elements, n, problem, x.shape[1])
     proxies = _Proxies(w, problem, per_chunk)
     starts = range(0, c, per_chunk)
     store = None
-    if keep and not isinstance(reduction, _Identity):
-        flat = x.new_empty(rows * c * k)
-        store = [flat[s * k * rows:min(c, s + per_chunk) * k * rows] for s in starts]
+    if keep == "gradient":
+        kp = problem.proxies_per_class
+        store = [grads.dw[s * kp:min(c, s + per_chunk) * kp].view(-1) for s in starts]
+    elif keep == "buffer":
+        per_class = _kept_per_class(problem, reduction)
+        flat = x.new_empty(rows * c * per_class)
+        store = [flat[s * per_class * rows:min(c, s + per_chunk) * per_class * rows]
+                 for s in starts]
     xs = _scaled(x, reduction)
     regularizer = []
     for lo in range(0, n, rows):
         hi = min(n, lo + rows)
-        block = _Block(xs[lo:hi], labels[lo:hi], problem, reduction, proxies, per_chunk, store)
+        block = _Block(xs[lo:hi], labels[lo:hi], problem, reduction, proxies, per_chunk, store,
+                       in_gradient=keep == "gradient")
         q_b = q[lo:hi]
         visits = []
         if known is None:
@@ -729,7 +816,7 @@ def _row_wise(x, w, labels, problem, reduction, chunk_elements, grads=None, know
                     visit.chunk = proxies.chunk(visit.chunk.start, visit.chunk.stop)
             else:
                 visit = block.visit(j)
-            g = visit.z.sub_(norm.unsqueeze(1)).exp_().mul_(row_weight)
+            g = block.gradient_of(visit, norm, row_weight)
             g.index_put_((visit.rows, visit.cols), g_pos[visit.rows])
             block.write_grads(visit, g, x[lo:hi], dx_b, grads.dw, first=lo == 0)
             if hi == n:
