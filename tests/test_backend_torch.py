@@ -389,15 +389,25 @@ def _set_row_regime(monkeypatch, regime, row_bytes):
     monkeypatch.setattr(torch_chunked, "ROW_BLOCK_BYTES", rows * row_bytes)
     monkeypatch.setattr(torch_chunked, "MIN_BLOCK_ROWS", min_rows)
     monkeypatch.setattr(torch_chunked, "KEEP_IN_GRADIENT", in_gradient)
-    chosen = []
+    chosen = _Chosen()
     choose = torch_chunked._row_blocks
 
     def spy(*args):
-        chosen.append(choose(*args))
-        return chosen[-1]
+        rows, keep, kept = choose(*args)
+        chosen.append((rows, keep))
+        chosen.kept.append(kept)
+        return rows, keep, kept
 
     monkeypatch.setattr(torch_chunked, "_row_blocks", spy)
     return chosen
+
+
+class _Chosen(list):
+    """(rows, keep) of each row-wise sweep, and in .kept what it kept of each chunk."""
+
+    def __init__(self):
+        super().__init__()
+        self.kept = []
 
 
 def _assert_regime(chosen, regime, n):
@@ -406,20 +416,40 @@ def _assert_regime(chosen, regime, n):
     assert all((rows < n) == (regime == "blocks") for rows, _ in chosen), chosen
 
 
-@pytest.mark.parametrize("regime", list(ROW_REGIMES))
+# In the gradient regime the width decides what else is kept (for the softmax at the odd shape,
+# N = 13, K = 3: d = 32 J, logits and 1/Z; 36 the GEMM's output too; 48 and the Gram matrices).
+REGIME_WIDTHS = [("gradient", 32), ("gradient", 36), ("gradient", 48), ("buffer", 32),
+                 ("blocks", 32), ("recompute", 32)]
+
+
+@pytest.mark.parametrize("regime, d", REGIME_WIDTHS)
 @pytest.mark.parametrize("similarity", ["softmax", "max", "mean"])
 @pytest.mark.parametrize("loss", ["mpa_dw", "mpa_ap", "soft_triple"])
-def test_row_wise_regimes_match_reference(loss, similarity, regime, monkeypatch):
+def test_row_wise_regimes_match_reference(loss, similarity, regime, d, monkeypatch):
     n, c, k, kind = SHAPES["odd"]
     kept = {"softmax": k + 2, "max": k + 1, "mean": 1}[similarity]  # J, the logit, 1/Z
     chosen = _set_row_regime(monkeypatch, regime, c * kept * 8)
     _chunk_classes(monkeypatch, 2, n, k)
-    x, y, w = _inputs(n, c, k, kind, torch.float64, d=32)
+    x, y, w = _inputs(n, c, k, kind, torch.float64, d=d)
     kwargs = dict(proxies_per_class=k, similarity=similarity, tau=0.2)
     got = _value_and_grads(MULTI_PROXY[loss], x, y, w, "torch", **kwargs)
     want = _value_and_grads(MULTI_PROXY[loss], x, y, w, "reference", **kwargs)
     _assert_matches(got, want, 1e-10)
     _assert_regime(chosen, regime, n)
+
+
+@pytest.mark.parametrize("tau", [0.2, 0.0])
+def test_gradient_regime_keeps_what_fits(tau, monkeypatch):
+    """Beyond J, the logits and 1/Z (N (K + 2) numbers per class), the GEMM's output (N K more)
+    where it fits in K d, and then the Gram matrices (K^2 more) where there is a regulariser."""
+    chosen = _set_row_regime(monkeypatch, "gradient", 1)
+    n, c, k, _ = SHAPES["odd"]
+    for d in (32, 36, 48):
+        x, y, w = _inputs(n, c, k, "random", torch.float64, d=d)
+        MF.mpa_dw_loss(x, y, w, proxies_per_class=k, tau=tau, backend="torch").backward()
+    assert list(chosen) == [(n, "gradient")] * 3
+    assert [(kept.j, kept.inv_z, kept.raw, kept.gram) for kept in chosen.kept] == [
+        (k, 1, 0, 0), (k, 1, k, 0), (k, 1, k, k * k if tau else 0)]
 
 
 def test_gradient_regime_needs_room_and_the_proxies_gradient(monkeypatch):

@@ -37,7 +37,10 @@ rows and the norms scale the chunk's similarities (the mean mode's GEMMs read th
 of the unit rows, formed per chunk). The regulariser's share of a chunk's classes and its gradient
 are formed from the classes' K x K Gram matrices when the chunk's gradient is complete, and the
 gradient is projected through the normalisation there, in the one gradient buffer of the raw
-proxies: one batched product for both, and no unit row formed. :func:`similarity_loss`
+proxies: one batched product for both, and no unit row formed. The projection needs each row's
+v . dL/dv, which is a sum over the chunk's similarities where the sweep still holds its GEMM's
+output (the column-wise family; the row-wise one where the gradient's rows have room for it),
+else a pass over the gradient rows; with it, the chunk is finished before its gradient is formed. :func:`similarity_loss`
 (proxies already unit, no regulariser) is the same sweep without the normalisation.
 
 The terms (:func:`proxy_terms`, :func:`similarity_terms`): the same sweeps, written once for an
@@ -385,10 +388,11 @@ class _Proxies:
         self.u_buf = w.new_empty(per_chunk * kp * d) if problem.averaged else None
         self.mean_buf = w.new_empty(per_chunk * d) if problem.averaged else None
 
-    def chunk(self, start: int, stop: int, with_gram: bool = False) -> _Chunk:
-        """Classes [start, stop). with_gram: the regulariser's Gram matrices are formed now (and
-        the norms read from them), for a finish in the same visit; else the norms are computed
-        alone and finish forms the Gram matrices itself."""
+    def chunk(self, start: int, stop: int, with_gram: bool = False,
+              gram_out: torch.Tensor | None = None) -> _Chunk:
+        """Classes [start, stop). with_gram: the regulariser's Gram matrices are formed now (into
+        gram_out if given) and the norms read from them, for the chunk's finish; else the norms
+        are computed alone and finish forms the Gram matrices itself."""
         kp = self.problem.proxies_per_class
         v = self.w[start * kp:stop * kp]
         inv = proj = gram = None
@@ -396,7 +400,8 @@ class _Proxies:
             inv, proj = self.inv[start * kp:stop * kp], self.proj[start * kp:stop * kp]
             with_gram = with_gram and bool(self.problem.tau)
             if with_gram:
-                gram = _gram(v.view(stop - start, kp, -1))
+                v3 = v.view(stop - start, kp, -1)
+                gram = torch.bmm(v3, v3.transpose(1, 2), out=gram_out)
             if stop * kp > self.normed:
                 norm_inv, mask = (_norm_terms(gram.diagonal(0, 1, 2).reshape(-1, 1).sqrt())
                                   if gram is not None else _inverse_norms(v))
@@ -430,10 +435,13 @@ class _Proxies:
         else:
             du3.addcmul_(dwbar, factor)
 
-    def finish(self, chunk: _Chunk, du: torch.Tensor | None, weight: float = 0.0):
-        """The chunk's share of eq. 3 (0 without it) and, with du (holding D), its final gradient
-        in place: the regulariser's share, scaled by weight (tau in the loss, the regulariser's
-        upstream gradient in the terms), and the projection through the normalisation."""
+    def finish(self, chunk: _Chunk, du: torch.Tensor | None, weight: float = 0.0,
+               vd: torch.Tensor | None = None):
+        """The chunk's share of eq. 3 (0 without it) and, with du, the rest of its gradient: the
+        regulariser's share, scaled by weight (tau in the loss, the regulariser's upstream
+        gradient in the terms), and the projection through the normalisation. vd: the rows'
+        v . D (m*K,), known before D is formed; du is then set to those terms, to which D is to
+        be added. Without vd, du holds D, v . D is read from it and the terms are added."""
         problem, kp = self.problem, self.problem.proxies_per_class
         if chunk.inv is None:  # unit proxies given: no normalisation, and no regulariser
             return 0.0
@@ -450,16 +458,23 @@ class _Proxies:
         if du is None:
             return value
         du3 = du.view(v3.shape)
-        # c = inv^2 (v . du') masked, v . du' = diag(V D^T) (+ sum_s Mr_ts A_ts).
-        dot = torch.bmm(v3, du3.transpose(1, 2)).diagonal(0, 1, 2)
+        # c = inv^2 (v . du') masked, v . du' = v . D (+ sum_s Mr_ts A_ts).
+        dot = (vd.view(-1, kp) if vd is not None
+               else torch.bmm(v3, du3.transpose(1, 2)).diagonal(0, 1, 2))
         if mr is not None:
             dot = dot + (mr * gram).sum(2)
         coef = dot.reshape(-1, 1).mul_(chunk.proj)
         if mr is None:
-            du.addcmul_(chunk.v, coef, value=-1.0)
+            if vd is not None:
+                torch.mul(chunk.v, coef.neg_(), out=du)
+            else:
+                du.addcmul_(chunk.v, coef, value=-1.0)
         else:
             mr.diagonal(0, 1, 2).sub_(coef.view(-1, kp))
-            du3.baddbmm_(mr, v3)
+            if vd is not None:
+                torch.bmm(mr, v3, out=du3)
+            else:
+                du3.baddbmm_(mr, v3)
         return value
 
 
@@ -474,30 +489,37 @@ class _Visit:
     z: torch.Tensor  # the negative logits alpha (S + delta_neg) (n, m), -inf at the positives
     rows: torch.Tensor  # rows of the block whose positive class is in the chunk
     cols: torch.Tensor  # and that class, relative to the chunk's start
+    raw: torch.Tensor | None = None  # x_scale x v^T (n, m*k), kept for the projection's dot
 
 
 class _Block:
     """Rows [lo, hi) of x against every class, chunk by chunk. With a store (one flat region per
-    chunk, of _kept_per_class numbers per row and class), a visit leaves in chunk j's region what
-    the second visit needs (J, the logits, 1/Z), and the whole block is kept; else a visit's J is
-    in one reused buffer. in_gradient: the regions are the chunks' own rows of the proxies'
-    gradient buffer, overwritten by the second visit's GEMM, which must then read from elsewhere.
-    with_gram: the chunks are finished in the visit that forms them (the column-wise sweep)."""
+    chunk, and the _Kept that says what goes in it), a visit leaves in chunk j's region what the
+    second visit needs, and the whole block is kept; else a visit's J is in one reused buffer.
+    in_gradient: the regions are the chunks' own rows of the proxies' gradient buffer, which the
+    second visit overwrites once it has read them: what it computes goes elsewhere first.
+    one_visit: each chunk is finished in the visit that forms it (the column-wise sweep): its Gram
+    matrices come with its norms, and the GEMM's output is kept (a buffer more) until the
+    chunk's gradient gives the projection's dot from it."""
 
     def __init__(self, xs, labels, problem, reduction, proxies, per_chunk, store=None,
-                 in_gradient=False, with_gram=False):
+                 in_gradient=False, one_visit=False):
         self.xs, self.problem, self.reduction, self.proxies = xs, problem, reduction, proxies
-        self.with_gram = with_gram
+        self.one_visit = one_visit
         n, k, c = xs.shape[0], problem.k, problem.num_classes
         self.per_chunk, self.starts = per_chunk, list(range(0, c, per_chunk))
-        self.store, self.in_gradient = store, in_gradient
+        self.store, self.kept = store if store is not None else (None, None)
+        self.in_gradient = in_gradient
         identity = isinstance(reduction, _Identity)
         # J's buffer where it is not kept, and ds's where J is kept in the gradient's rows.
         self.t_buf = (xs.new_empty(n * per_chunk * k)
                       if store is None or identity or in_gradient else None)
+        # The GEMM's output, kept for the projection's dot by a chunk finished in its visit.
         # The gradients dL/dS of a chunk, formed from its logits (which may be kept in the
         # gradient's rows too).
         self.g_buf = xs.new_empty(n * per_chunk)
+        self.r_buf = (xs.new_empty(n * per_chunk * k)
+                      if one_visit and problem.normalise and not problem.averaged else None)
         self.e_buf = (xs.new_empty(n * per_chunk * k) if isinstance(reduction, _Softmax)
                       else None)
         # Rows sorted by label: those whose positive lies in a chunk are one slice of the order.
@@ -509,28 +531,32 @@ class _Block:
         n, k, problem = self.xs.shape[0], self.problem.k, self.problem
         start = self.starts[j]
         stop = min(problem.num_classes, start + self.per_chunk)
-        chunk = self.proxies.chunk(start, stop, self.with_gram)
         size, m = n * (stop - start) * k, stop - start
-        identity = isinstance(self.reduction, _Identity)
-        region = self.store[j] if self.store is not None else None
-        buf = self.t_buf if region is None or identity else region
-        t2 = torch.mm(self.xs, chunk.w.T, out=buf[:size].view(n, -1))
-        if chunk.col_scale is not None:
-            t2.mul_(chunk.col_scale)
+        parts = (self.kept.views(self.store[j], n, m, k, problem.proxies_per_class)
+                 if self.store is not None else {})
+        chunk = self.proxies.chunk(start, stop, self.one_visit or "gram" in parts,
+                                   parts.get("gram"))
+        t_out = parts.get("j", self.t_buf[:size].view(n, -1) if self.t_buf is not None else None)
+        raw_out = parts.get("raw", self.r_buf[:size].view(n, -1) if self.r_buf is not None
+                            else None)
+        raw = None
+        if chunk.col_scale is not None and raw_out is not None:
+            raw = torch.mm(self.xs, chunk.w.T, out=raw_out)
+            t2 = torch.mul(raw, chunk.col_scale, out=t_out)
+        else:
+            t2 = torch.mm(self.xs, chunk.w.T, out=t_out)
+            if chunk.col_scale is not None:
+                t2.mul_(chunk.col_scale)
         t = t2.view(n, -1, k)
         e = self.e_buf[:size].view(t.shape) if self.e_buf is not None else None
         s, inv_z = self.reduction.forward(t, e)
         lo, hi = self.cuts[j], self.cuts[j + 1]
         rows, cols = self.order[lo:hi], self.sorted_labels[lo:hi] - start
-        z_out = None
-        if region is not None:  # the logits and 1/Z after J (where J is kept) in the region
-            at = 0 if identity else size
-            z_out = region[at:at + n * m].view(n, m)
-            if inv_z is not None:
-                inv_z = region[at + n * m:at + 2 * n * m].view(n, m).copy_(inv_z)
-        z = torch.add(s, problem.negative_delta, out=z_out).mul_(problem.alpha)
+        if "inv_z" in parts:
+            inv_z = parts["inv_z"].copy_(inv_z)
+        z = torch.add(s, problem.negative_delta, out=parts.get("z")).mul_(problem.alpha)
         z.index_put_((rows, cols), z.new_tensor(float("-inf")))
-        return _Visit(chunk, t, inv_z, z, rows, cols)
+        return _Visit(chunk, t, inv_z, z, rows, cols, raw)
 
     def gradient_of(self, visit: _Visit, norm: torch.Tensor, weight: torch.Tensor):
         """weight e^(z - norm) of a visited chunk (n, m), out of the chunk's region."""
@@ -538,9 +564,13 @@ class _Block:
         return torch.sub(visit.z, norm.unsqueeze(1),
                          out=self.g_buf[:n * m].view(n, m)).exp_().mul_(weight)
 
-    def write_grads(self, visit: _Visit, g: torch.Tensor, x, dx, dw, first: bool) -> None:
+    def write_grads(self, visit: _Visit, g: torch.Tensor, x, dx, dw, first: bool,
+                    reg_weight: float = 0.0):
         """G = dL/dS of a visited chunk (n, m), overwritten -> ds -> dx += ds u[chunk] and the
-        chunk's du' (= when first, else +=)."""
+        chunk's D (= when first, else +=). Where the GEMM's output was kept, the chunk is
+        finished here, before D is formed (see _Proxies.finish), from the rows'
+        v . D = sum_i ds_it inv_t (x_i . v_t), the column sums of ds * inv times that output, and
+        its share of eq. 3 is returned; else None, and the chunk is left to finish."""
         if visit.inv_z is not None:
             g.mul_(visit.inv_z)
         if isinstance(self.reduction, _Identity):
@@ -556,9 +586,19 @@ class _Block:
             ds.mul_(chunk.col_scale)
         if dx is not None:
             dx.addmm_(ds, chunk.w)
-        if dw is not None:
-            kp = self.problem.proxies_per_class
-            self.proxies.add_grad(chunk, ds, x, dw[chunk.start * kp:chunk.stop * kp], first)
+        if dw is None:
+            return None
+        kp = self.problem.proxies_per_class
+        du = dw[chunk.start * kp:chunk.stop * kp]
+        if visit.raw is None:
+            self.proxies.add_grad(chunk, ds, x, du, first)
+            return None
+        vd = visit.raw.mul_(ds).sum(0)
+        if self.reduction.x_scale != 1.0:
+            vd.div_(self.reduction.x_scale)
+        value = self.proxies.finish(chunk, du, reg_weight, vd)
+        self.proxies.add_grad(chunk, ds, x, du, first=False)
+        return value
 
 
 def _classes_per_chunk(chunk_elements: int, rows: int, problem: _Problem, d: int) -> int:
@@ -652,7 +692,7 @@ def _column_wise(x, w, labels, problem, reduction, chunk_elements, grads=None, k
     per_chunk = _classes_per_chunk(chunk_elements, x.shape[0], problem, x.shape[1])
     proxies = _Proxies(w, problem, per_chunk)
     block = _Block(_scaled(x, reduction), labels, problem, reduction, proxies, per_chunk,
-                   with_gram=True)
+                   one_visit=True)
     negative = q.new_empty(c)
     regularizer = []
     for j in range(len(block.starts)):
@@ -666,7 +706,10 @@ def _column_wise(x, w, labels, problem, reduction, chunk_elements, grads=None, k
             # e^(z - N_c) = ez e^(zmax - N_c); the positive entries of ez are 0, g_pos goes there.
             g = ez.mul_(zmax.sub_(n_c).exp_().mul_(g_n[start:stop]).mul_(alpha))
             g.index_put_((visit.rows, visit.cols), g_pos[visit.rows])
-            block.write_grads(visit, g, x, grads.dx, dw, first=True)
+            value = block.write_grads(visit, g, x, grads.dx, dw, True, grads.reg_weight)
+            if value is not None:
+                regularizer.append(value)
+                continue
         regularizer.append(proxies.finish(visit.chunk, _proxy_rows(dw, visit.chunk, problem),
                                           grads.reg_weight if grads is not None else 0.0))
     return torch.stack([p, negative]), q, sum(regularizer)
@@ -713,33 +756,72 @@ def _row_extra(loss: str, q: torch.Tensor):
     return torch.zeros_like(q), torch.zeros_like(q)
 
 
-def _kept_per_class(problem: _Problem, reduction) -> int:
-    """Numbers a row-wise block keeps per row and class between its visits: the logit, 1/Z
-    (softmax) and J (k numbers; none in the identity)."""
-    return (1 + isinstance(reduction, _Softmax)
-            + (0 if isinstance(reduction, _Identity) else problem.k))
+@dataclass(frozen=True)
+class _Kept:
+    """What a row-wise block keeps of each chunk between its two visits, in the chunk's region of a
+    store (numbers per row and class, and per class): J (k; none in the identity), the logit and
+    1/Z (softmax); where there is room, the GEMM's output (k, for the projection's dot without a
+    pass over the proxies) and the classes' Gram matrices (K x K, formed once)."""
+
+    j: int
+    inv_z: int
+    raw: int = 0
+    gram: int = 0
+
+    @classmethod
+    def least(cls, problem: _Problem, reduction) -> "_Kept":
+        return cls(0 if isinstance(reduction, _Identity) else problem.k,
+                   int(isinstance(reduction, _Softmax)))
+
+    def per_row(self) -> int:
+        return self.j + self.raw + 1 + self.inv_z
+
+    def numbers(self, rows: int, classes: int) -> int:
+        return classes * (rows * self.per_row() + self.gram)
+
+    def views(self, region: torch.Tensor, n: int, m: int, k: int, kp: int) -> dict:
+        """The parts of a chunk's region: (n, m*k), (n, m*k), (n, m), (n, m), (m, K, K)."""
+        sizes = {"j": n * m * self.j, "raw": n * m * self.raw, "z": n * m,
+                 "inv_z": n * m * self.inv_z, "gram": m * self.gram}
+        shapes = {"j": (n, m * k), "raw": (n, m * k), "z": (n, m), "inv_z": (n, m),
+                  "gram": (m, kp, kp)}
+        parts, at = {}, 0
+        for name, size in sizes.items():
+            if size:
+                parts[name] = region[at:at + size].view(shapes[name])
+            at += size
+        return parts
 
 
 def _row_blocks(x: torch.Tensor, dw: torch.Tensor | None, problem: _Problem,
-                reduction) -> tuple[int, str | None]:
-    """Rows per block of the row-wise sweep with gradients, and where a block keeps what its
-    second visit needs: "gradient" (in the proxies' gradient buffer), "buffer", or None (it
-    recomputes)."""
+                reduction) -> tuple[int, str | None, _Kept]:
+    """Rows per block of the row-wise sweep with gradients, where a block keeps what its second
+    visit needs ("gradient": in the proxies' gradient buffer, "buffer", or None: it recomputes),
+    and what it keeps."""
     n, d = x.shape
-    per_class = _kept_per_class(problem, reduction)
+    kp = problem.proxies_per_class
+    kept = _Kept.least(problem, reduction)
     # A chunk's rows of the proxies' gradient (m K d numbers) are written only by its second
-    # visit, by the GEMM that consumes what was kept: until then they hold all rows' J, logits and
-    # 1/Z (n m per_class numbers) where those fit, which needs nothing beyond the gradient itself.
+    # visit, once what was kept is consumed: until then they hold all rows' J, logits and 1/Z
+    # where those fit, which needs nothing beyond the gradient itself. Where there is room, the
+    # GEMM's output too, with which the chunk is finished before its gradient is written (see
+    # _Block.write_grads), so that its Gram matrices, formed on the first visit, can wait there
+    # too.
     if (KEEP_IN_GRADIENT and dw is not None and dw.dtype == x.dtype
-            and n * per_class <= problem.proxies_per_class * d):
-        return n, "gradient"
-    rows = ROW_BLOCK_BYTES // (problem.num_classes * per_class * x.element_size())
+            and kept.numbers(n, 1) <= kp * d):
+        if problem.normalise and not problem.averaged:
+            for gram in ((kp * kp, 0) if problem.tau else (0,)):
+                more = _Kept(kept.j, kept.inv_z, problem.k, gram)
+                if more.numbers(n, 1) <= kp * d:
+                    return n, "gradient", more
+        return n, "gradient", kept
+    rows = ROW_BLOCK_BYTES // (kept.numbers(1, problem.num_classes) * x.element_size())
     if rows >= n:
-        return n, "buffer"
+        return n, "buffer", kept
     if rows < MIN_BLOCK_ROWS:
-        return n, None  # one block that recomputes
+        return n, None, kept  # one block that recomputes
     blocks = -(-n // rows)
-    return -(-n // blocks), "buffer"
+    return -(-n // blocks), "buffer", kept
 
 
 def _row_wise(x, w, labels, problem, reduction, chunk_elements, grads=None, known=None):
@@ -760,8 +842,9 @@ def _row_wise(x, w, labels, problem, reduction, chunk_elements, grads=None, know
     # The running max's floor: a row may have no logit yet (a chunk may hold nothing but its
     # positive, all -inf there), or none at all (MPA-DW with one class); e^(-inf - floor) = 0.
     floor = torch.finfo(x.dtype).min
-    rows, keep = (_row_blocks(x, grads.dw, problem, reduction)
-                  if grads is not None and known is None else (n, None))
+    rows, keep, kept = (_row_blocks(x, grads.dw, problem, reduction)
+                        if grads is not None and known is None
+                        else (n, None, _Kept.least(problem, reduction)))
     # Chunks of as many classes as in the class sweep (a block's tiles are the smaller), so that the
     # proxies' side of a chunk stays bounded by the budget too.
     per_chunk = _classes_per_chunk(chunk_elements, n, problem, x.shape[1])
@@ -772,15 +855,15 @@ def _row_wise(x, w, labels, problem, reduction, chunk_elements, grads=None, know
         kp = problem.proxies_per_class
         store = [grads.dw[s * kp:min(c, s + per_chunk) * kp].view(-1) for s in starts]
     elif keep == "buffer":
-        per_class = _kept_per_class(problem, reduction)
-        flat = x.new_empty(rows * c * per_class)
-        store = [flat[s * per_class * rows:min(c, s + per_chunk) * per_class * rows]
+        flat = x.new_empty(kept.numbers(rows, c))
+        store = [flat[kept.numbers(rows, s):kept.numbers(rows, min(c, s + per_chunk))]
                  for s in starts]
     xs = _scaled(x, reduction)
     regularizer = []
     for lo in range(0, n, rows):
         hi = min(n, lo + rows)
-        block = _Block(xs[lo:hi], labels[lo:hi], problem, reduction, proxies, per_chunk, store,
+        block = _Block(xs[lo:hi], labels[lo:hi], problem, reduction, proxies, per_chunk,
+                       (store, kept) if store is not None else None,
                        in_gradient=keep == "gradient")
         q_b = q[lo:hi]
         visits = []
@@ -813,13 +896,18 @@ def _row_wise(x, w, labels, problem, reduction, chunk_elements, grads=None, know
             if keep:
                 visit = visits[j]
                 if problem.averaged:  # its class means were in a buffer that later chunks reused
+                    gram = visit.chunk.gram
                     visit.chunk = proxies.chunk(visit.chunk.start, visit.chunk.stop)
+                    visit.chunk.gram = gram
             else:
                 visit = block.visit(j)
             g = block.gradient_of(visit, norm, row_weight)
             g.index_put_((visit.rows, visit.cols), g_pos[visit.rows])
-            block.write_grads(visit, g, x[lo:hi], dx_b, grads.dw, first=lo == 0)
-            if hi == n:
+            value = block.write_grads(visit, g, x[lo:hi], dx_b, grads.dw, lo == 0,
+                                      grads.reg_weight)
+            if value is not None:
+                regularizer.append(value)
+            elif hi == n:
                 regularizer.append(proxies.finish(
                     visit.chunk, _proxy_rows(grads.dw, visit.chunk, problem), grads.reg_weight))
         del visits
