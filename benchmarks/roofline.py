@@ -19,9 +19,10 @@ How each provider is costed:
 
 * ``floor``: the three GEMMs at the inputs' dtype (``x w^T`` forward; ``ds w`` and ``ds^T x``
   backward, ``ds`` given), as the benchmark's floor provider runs them.
-* ``triton``: the front end (normalisation of x and of the proxies, the proxy regulariser),
-  counted op by op; then cuBLAS's ``s = x w^T`` (writes s in the input dtype), the loss kernel
-  (reads s), the finalize kernel, the backward loss kernel (reads s, writes ds) and cuBLAS's
+* ``triton``: the front end (normalisation of x and of the proxies, the proxy regulariser, the
+  reduction of the backend's unreduced terms), counted op by op; then cuBLAS's ``s = x w^T``
+  (writes s in the input dtype), the loss kernel (reads s, writes its split partials), the merge
+  of the partials into the terms, the backward loss kernel (reads s, writes ds) and cuBLAS's
   ``ds w`` and ``ds^T x``.
 * ``triton-linear``: the front end; a forward kernel that recomputes nothing and stores no s (one
   GEMM-equivalent), a backward that recomputes s and does both gradient products (three
@@ -279,18 +280,20 @@ def _kwargs(loss: str, k: int) -> dict:
 
 
 class _NoSimilarity(torch.autograd.Function):
-    """Stands in for a backend's similarity term when only the front end is counted: a free
-    scalar forward, gradients that cost nothing (the backend's own kernels write them)."""
+    """Stands in for a backend's similarity term when only the front end is counted: free
+    unreduced terms ((2, N) or (2, C), as the GPU backends return them, so that the front end's
+    reduction of them is counted), gradients that cost nothing (the backend's own kernels write
+    them)."""
 
     @staticmethod
-    def forward(ctx, x_hat, w_hat):
+    def forward(ctx, x_hat, w_hat, owned):
         ctx.shapes = (x_hat, w_hat)
-        return x_hat.new_empty(())
+        return x_hat.new_empty((2, owned), dtype=torch.float32)
 
     @staticmethod
     def backward(ctx, g):
         x_hat, w_hat = ctx.shapes
-        return x_hat.new_empty(x_hat.shape), w_hat.new_empty(w_hat.shape)
+        return x_hat.new_empty(x_hat.shape), w_hat.new_empty(w_hat.shape), None
 
 
 def _no_autocast(*args, **kwargs):
@@ -325,8 +328,9 @@ def count_ops(loss: str, shape: Shape, dtype: str, backend: str,
     name = backend
     if backend == "front-end":
         stand_in = SimpleNamespace(LOW_PRECISION=True,
-                                   similarity_loss=lambda xh, wh, lab, spec:
-                                   _NoSimilarity.apply(xh, wh))
+                                   similarity_terms=lambda xh, wh, lab, spec: _NoSimilarity.apply(
+                                       xh, wh, spec.num_classes if spec.column_wise
+                                       else xh.shape[0]))
         patches.enter_context(mock.patch.object(functional, "resolve",
                                                 lambda *a, **kw: stand_in))
         name = "reference"  # any name passes the check; resolve is replaced
@@ -345,15 +349,31 @@ PROVIDERS = ("reference", "compile", "torch", "triton", "triton-linear", "triton
              "floor")
 
 
+def _forward_splits(n: int, classes: int, k: int, loss: str) -> tuple[int, int]:
+    """(splits, M) of the loss forward over s: its programs own blocks of rows (row-wise) or of
+    classes (column-wise) and split the other dimension as kernels.launch.plan_splits does, for
+    the 132 SMs both modelled GPUs have; M is N or C, the partials are [2, splits, M] fp32."""
+    from mpa_kernels.kernels.similarity import BLOCK_N, TILE_COLUMNS, _column_wise
+
+    row_blocks = -(-n // BLOCK_N)
+    class_blocks = -(-classes // max(1, TILE_COLUMNS // k_pad(k)))
+    column_wise = _column_wise(loss)
+    owned, swept = (class_blocks, row_blocks) if column_wise else (row_blocks, class_blocks)
+    splits = max(1, min(swept, -(-4 * GPUS["h100"].sms // owned)))
+    per_split = -(-swept // splits)
+    return -(-swept // per_split), classes if column_wise else n
+
+
 def _core_triton(n: int, m: int, d: int, loss: str, k: int, dtype: str):
     """The "triton" backend's own kernels: cuBLAS around the loss kernels over s."""
     b = _itemsize(dtype)
     scores = n * m
+    splits, owned = _forward_splits(n, m // k, k, loss)
     fwd = [
         gemm("s = x w^T", n, m, d, dtype),
-        Kernel("loss forward (reads s)", bytes=scores * b + 8 * n,
+        Kernel("loss forward (reads s)", bytes=scores * b + 8 * n + 8 * splits * owned,
                mufu=scores * mufu_per_score(loss, k, "forward", fused=False)),
-        Kernel("finalize", bytes=8 * (n + m // k)),
+        Kernel("merge split partials", bytes=8 * splits * owned + 8 * owned),
     ]
     bwd = [
         Kernel("loss backward (reads s, writes ds)", bytes=2 * scores * b + 8 * n,

@@ -63,15 +63,32 @@ def test_special_function_counts():
 
 def test_triton_loss_kernel_is_exp_bound_on_h100():
     fwd, _ = R._core_triton(SOP.n, SOP.c * SOP.k, SOP.d, "mpa", SOP.k, "bfloat16")
-    gemm, loss, _finalize = fwd
+    gemm, loss, _merge = fwd
     assert gemm.bytes == 35_031_040
-    assert loss.bytes == S_BYTES + 8 * 256
+    splits, owned = R._forward_splits(SOP.n, SOP.c, SOP.k, "mpa")
+    assert loss.bytes == S_BYTES + 8 * 256 + 8 * splits * owned
     assert loss.mufu == 3 * SCORES
     t = loss.times(R.GPUS["h100"])
-    # 17,384,448 SFU operations / 3.86496e12 per s = 4.498 us, reading s takes 3.460 us.
+    # 17,384,448 SFU operations / 3.86496e12 per s = 4.498 us, reading s takes 3.460 us (and
+    # writing the 3 x 11,318 split partials 0.08 us more).
     assert t["exp"] == pytest.approx(3 * SCORES / 3.86496e12)
-    assert t["memory"] == pytest.approx((S_BYTES + 2048) / 3.35e12)
+    assert t["memory"] == pytest.approx((S_BYTES + 2048 + 8 * splits * owned) / 3.35e12)
     assert loss.time(R.GPUS["h100"]) == t["exp"]
+
+
+@pytest.mark.parametrize("loss", ["mpa", "mpa_dw"])
+@pytest.mark.parametrize("n, c, k", [(256, 11318, 2), (32, 11318, 2), (180, 100, 10),
+                                     (4096, 100000, 4), (1, 7, 3)])
+def test_forward_splits_are_the_launchers(loss, n, c, k, monkeypatch):
+    """The model's split count is the one the over-s forward launches with on a 132-SM GPU."""
+    from mpa_kernels.kernels import launch
+    from mpa_kernels.kernels.similarity import BLOCK_N, TILE_COLUMNS
+
+    monkeypatch.setattr(launch, "target_programs", lambda device: 4 * 132)
+    row_blocks, class_blocks = -(-n // BLOCK_N), -(-c // max(1, TILE_COLUMNS // R.k_pad(k)))
+    owned, swept = (class_blocks, row_blocks) if loss == "mpa" else (row_blocks, class_blocks)
+    splits, _ = launch.plan_splits(owned, swept, torch.device("cpu"))
+    assert R._forward_splits(n, c, k, loss) == (splits, c if loss == "mpa" else n)
 
 
 def test_linear_counts_gemm_equivalents():
