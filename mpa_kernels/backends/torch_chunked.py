@@ -40,8 +40,9 @@ gradient is projected through the normalisation there, in the one gradient buffe
 proxies: one batched product for both, and no unit row formed. The projection needs each row's
 v . dL/dv, which is a sum over the chunk's similarities where the sweep still holds its GEMM's
 output (the column-wise family; the row-wise one where the gradient's rows have room for it),
-else a pass over the gradient rows; with it, the chunk is finished before its gradient is formed. :func:`similarity_loss`
-(proxies already unit, no regulariser) is the same sweep without the normalisation.
+else a pass over the gradient rows; with it, the chunk is finished before its gradient is formed.
+:func:`similarity_loss` (proxies already unit, no regulariser) is the same sweep without the
+normalisation.
 
 The terms (:func:`proxy_terms`, :func:`similarity_terms`): the same sweeps, written once for an
 upstream gradient of the terms, which the mean knows in its forward (the constants of its
@@ -313,11 +314,13 @@ def _reduction(problem: _Problem, dtype: torch.dtype):
 # Everything the regulariser and the projection need of a class's rows beyond the GEMMs' du' is in
 # its Gram matrix A = V V^T (K x K, one batched product per chunk): the norms are sqrt(A_tt), the
 # unit rows' similarities m_ts = inv_t inv_s A_ts, and with Mr = diag(inv) G diag(inv)
-#   v_t . du'_t = v_t . D_t + sum_s Mr_ts A_ts,   D = (ds * inv)^T x, the GEMMs' part,
-# where v_t . D_t is the diagonal of V D^T (a batched product too: K times the multiply-adds of
-# the row dots, but in a GEMM kernel, and faster than them on CPU). The regulariser's gradient and
-# the projection are then one batched product into the gradient buffer: dv = D + (Mr - diag(c)) V.
-# No unit row is formed.
+#   v_t . du'_t = v_t . D_t + sum_s Mr_ts A_ts,   D = (ds * inv)^T x, the GEMMs' part.
+# v_t . D_t = sum_i ds_it inv_t (x_i . v_t) is a column sum over the chunk's similarities where its
+# GEMM output x v^T is still at hand; it is then known before D, and the gradient rows are set to
+# (Mr - diag(c)) V (one batched product) before the GEMM adds D to them. Else it is the diagonal
+# of V D^T (a batched product: K times the multiply-adds of the row dots, but in a GEMM kernel,
+# and faster than them on CPU), and (Mr - diag(c)) V is added to D. Either way
+# dv = D + (Mr - diag(c)) V, and no unit row is formed.
 #
 # Mean mode: the GEMMs see wbar_c = mean_k u_ck (unit rows formed per chunk for that), so
 # D_ck = inv_ck dwbar_c / K for every k; the rest is as above.
@@ -328,8 +331,8 @@ def _inverse_norms(w: torch.Tensor):
     return _norm_terms(torch.linalg.vector_norm(w, dim=1, keepdim=True))
 
 
-def _gram(v3: torch.Tensor) -> torch.Tensor:
-    return torch.bmm(v3, v3.transpose(1, 2))
+def _gram(v3: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.bmm(v3, v3.transpose(1, 2), out=out)
 
 
 def _norm_terms(norm: torch.Tensor):
@@ -400,8 +403,7 @@ class _Proxies:
             inv, proj = self.inv[start * kp:stop * kp], self.proj[start * kp:stop * kp]
             with_gram = with_gram and bool(self.problem.tau)
             if with_gram:
-                v3 = v.view(stop - start, kp, -1)
-                gram = torch.bmm(v3, v3.transpose(1, 2), out=gram_out)
+                gram = _gram(v.view(stop - start, kp, -1), gram_out)
             if stop * kp > self.normed:
                 norm_inv, mask = (_norm_terms(gram.diagonal(0, 1, 2).reshape(-1, 1).sqrt())
                                   if gram is not None else _inverse_norms(v))
