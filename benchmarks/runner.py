@@ -138,6 +138,9 @@ def environment(device: torch.device) -> dict:
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET"),
+        # PyTorch's CPU allocator backs buffers of 2 MiB and more with huge pages when this is
+        # set (Linux): fewer page faults on fresh gradients, which moves CPU timings.
+        "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE"),
         "mem_available_bytes": measure.mem_available(),
         # Other processes on the machine slow the measured ones; the load says how busy it was.
         "load_average": list(os.getloadavg()),
