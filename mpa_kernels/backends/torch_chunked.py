@@ -504,22 +504,21 @@ class _Block:
     matrices come with its norms, and the GEMM's output is kept (a buffer more) until the
     chunk's gradient gives the projection's dot from it."""
 
-    def __init__(self, xs, labels, problem, reduction, proxies, per_chunk, store=None,
+    def __init__(self, xs, labels, problem, reduction, proxies, per_chunk, store=None, kept=None,
                  in_gradient=False, one_visit=False):
         self.xs, self.problem, self.reduction, self.proxies = xs, problem, reduction, proxies
         self.one_visit = one_visit
         n, k, c = xs.shape[0], problem.k, problem.num_classes
         self.per_chunk, self.starts = per_chunk, list(range(0, c, per_chunk))
-        self.store, self.kept = store if store is not None else (None, None)
-        self.in_gradient = in_gradient
+        self.store, self.kept, self.in_gradient = store, kept, in_gradient
         identity = isinstance(reduction, _Identity)
         # J's buffer where it is not kept, and ds's where J is kept in the gradient's rows.
         self.t_buf = (xs.new_empty(n * per_chunk * k)
                       if store is None or identity or in_gradient else None)
+        # The row-wise second visit's dL/dS of a chunk, formed from its logits (which may be kept
+        # in the gradient's rows); the column-wise sweep forms it in place.
+        self.g_buf = None if one_visit else xs.new_empty(n * per_chunk)
         # The GEMM's output, kept for the projection's dot by a chunk finished in its visit.
-        # The gradients dL/dS of a chunk, formed from its logits (which may be kept in the
-        # gradient's rows too).
-        self.g_buf = xs.new_empty(n * per_chunk)
         self.r_buf = (xs.new_empty(n * per_chunk * k)
                       if one_visit and problem.normalise and not problem.averaged else None)
         self.e_buf = (xs.new_empty(n * per_chunk * k) if isinstance(reduction, _Softmax)
@@ -864,9 +863,8 @@ def _row_wise(x, w, labels, problem, reduction, chunk_elements, grads=None, know
     regularizer = []
     for lo in range(0, n, rows):
         hi = min(n, lo + rows)
-        block = _Block(xs[lo:hi], labels[lo:hi], problem, reduction, proxies, per_chunk,
-                       (store, kept) if store is not None else None,
-                       in_gradient=keep == "gradient")
+        block = _Block(xs[lo:hi], labels[lo:hi], problem, reduction, proxies, per_chunk, store,
+                       kept, in_gradient=keep == "gradient")
         q_b = q[lo:hi]
         visits = []
         if known is None:
@@ -898,9 +896,7 @@ def _row_wise(x, w, labels, problem, reduction, chunk_elements, grads=None, know
             if keep:
                 visit = visits[j]
                 if problem.averaged:  # its class means were in a buffer that later chunks reused
-                    gram = visit.chunk.gram
                     visit.chunk = proxies.chunk(visit.chunk.start, visit.chunk.stop)
-                    visit.chunk.gram = gram
             else:
                 visit = block.visit(j)
             g = block.gradient_of(visit, norm, row_weight)
