@@ -26,7 +26,7 @@ from .providers import (
     unavailable_reason,
 )
 from .shapes import Shape
-from mpa_kernels.backends import BackendUnavailableError
+from mpa_kernels.backends import BackendUnavailableError, _native
 
 REPO = Path(__file__).resolve().parent.parent
 # A CPU run is skipped when its estimated need passes this share of MemAvailable: the estimate is
@@ -141,6 +141,8 @@ def environment(device: torch.device) -> dict:
         # PyTorch's CPU allocator backs buffers of 2 MiB and more with huge pages when this is
         # set (Linux): fewer page faults on fresh gradients, which moves CPU timings.
         "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+        # The "torch" backend's chunk loops: native (built C++) or its eager ops, and why.
+        "torch_backend_loops": _native.status() if device.type == "cpu" else None,
         "mem_available_bytes": measure.mem_available(),
         # Other processes on the machine slow the measured ones; the load says how busy it was.
         "load_average": list(os.getloadavg()),

@@ -18,7 +18,7 @@ from mpa_kernels import functional as MF
 from mpa_kernels import reference
 from mpa_kernels._spec import LossSpec
 from mpa_kernels.backends import resolve
-from mpa_kernels.backends import torch_chunked
+from mpa_kernels.backends import _native, torch_chunked
 from mpa_kernels.parallel import LOSS_CLASSES
 
 MULTI_PROXY = {
@@ -42,6 +42,16 @@ SHAPES = {
 CLASSES_PER_CHUNK = [1, 2]
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 D = 16
+
+
+@pytest.fixture(autouse=True, params=["native", "eager"])
+def chunk_loops(request, monkeypatch):
+    """Every test twice: the chunks' work between the GEMMs in the native loops, and in the eager
+    ops that stand in for them where the loops cannot be built."""
+    if request.param == "native" and _native.module() is None:
+        pytest.skip(f"the native loops are not available here: {_native.status()}")
+    monkeypatch.setattr(torch_chunked, "NATIVE", request.param == "native")
+    return request.param
 
 
 def _labels(n, c, kind, gen):

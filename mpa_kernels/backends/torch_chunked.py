@@ -25,6 +25,12 @@ inputs that do not require grad, the forward is the one GEMM.
   that would leave fewer than :data:`MIN_BLOCK_ROWS` rows per block, all samples form one block
   that keeps nothing and recomputes each chunk on its second visit (a fourth GEMM).
 
+Between the GEMMs, a chunk's work (the intra-class reduction, the logits, the log-sum-exps, the
+gradient's scalings, the proxies' Gram matrices and the regulariser's and projection's terms) runs
+in native loops, one pass per visit (``torch_native.cpp``, compiled on first use; see
+:mod:`mpa_kernels.backends._native`); where they cannot be built, the eager ops beside each call
+compute the same numbers, some ten passes and a hundred dispatches per chunk.
+
 Positive pairs are few (one per sample): their similarities ``S_{i,y_i}`` come from a gather of the
 K proxies of each sample's class (``N*K*d``), their terms are evaluated on ``(N,)`` vectors, and their
 gradients are written into the chunk's ``dL/dS`` at the positive entries, so that they ride on the
@@ -78,6 +84,7 @@ from mpa_kernels._spec import LossSpec
 from mpa_kernels._checks import NORM_EPS as _NORM_EPS
 from mpa_kernels._terms import REGULARIZER_EPS as _REGULARIZER_EPS
 from mpa_kernels._terms import reduce_terms
+from mpa_kernels.backends import _native
 
 LOW_PRECISION = False
 
@@ -96,6 +103,17 @@ MIN_BLOCK_ROWS = 64
 # Where it fits, what a row-wise loss keeps goes in the proxies' gradient buffer instead (see
 # _row_blocks); off, it goes in blocks of ROW_BLOCK_BYTES. Read at call time, so tests can switch.
 KEEP_IN_GRADIENT = True
+# A chunk's work between its GEMMs in the native loops (torch_native.cpp, built on first use)
+# where they can be built, else in eager ops (the same numbers, slower). Read at call time, so
+# tests can switch.
+NATIVE = True
+
+
+def _native_ops(x: torch.Tensor):
+    """The native loops for these inputs, or None: the eager ops then run."""
+    if not NATIVE or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return None
+    return _native.module()
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -246,6 +264,8 @@ class _Softmax:
     fp32's precision where e t and e h, formed apart and subtracted, would lose it.
     """
 
+    native_mode = 1
+
     def __init__(self, gamma: float, k: int, dtype: torch.dtype) -> None:
         self.gamma = gamma
         self.x_scale = 1.0 / gamma
@@ -272,6 +292,7 @@ class _Max:
     reference's ``max(dim)``): J is its indicator."""
 
     x_scale = 1.0
+    native_mode = 2
 
     def forward(self, t: torch.Tensor, e: torch.Tensor):
         values, index = t.max(-1)
@@ -283,6 +304,7 @@ class _Identity:
     """K = 1: S = s; ds = G, so J is not formed (S is t's own buffer)."""
 
     x_scale = 1.0
+    native_mode = 0
 
     def forward(self, t: torch.Tensor, e: torch.Tensor):
         return t.squeeze(-1), None
@@ -376,6 +398,8 @@ class _Proxies:
 
     def __init__(self, w: torch.Tensor, problem: _Problem, per_chunk: int) -> None:
         self.w, self.problem = w, problem
+        # The native loops read the rows as one block: contiguous proxies only.
+        self.native = _native_ops(w) if w.is_contiguous() else None
         self.inv = self.proj = None
         if problem.normalise:
             # Filled chunk by chunk on the first visit, while the chunk's rows are on their way to
@@ -402,7 +426,11 @@ class _Proxies:
         if self.inv is not None:
             inv, proj = self.inv[start * kp:stop * kp], self.proj[start * kp:stop * kp]
             with_gram = with_gram and bool(self.problem.tau)
-            if with_gram:
+            if with_gram and self.native is not None:
+                gram = gram_out if gram_out is not None else v.new_empty(stop - start, kp, kp)
+                self.native.class_gram(v, kp, gram, inv, proj, _NORM_EPS)
+                self.normed = max(self.normed, stop * kp)
+            elif with_gram:
                 gram = _gram(v.view(stop - start, kp, -1), gram_out)
             if stop * kp > self.normed:
                 norm_inv, mask = (_norm_terms(gram.diagonal(0, 1, 2).reshape(-1, 1).sqrt())
@@ -448,6 +476,13 @@ class _Proxies:
         if chunk.inv is None:  # unit proxies given: no normalisation, and no regulariser
             return 0.0
         v3 = chunk.v.view(-1, kp, chunk.v.shape[1])
+        if self.native is not None and du is not None and vd is not None:
+            gram = None
+            if problem.tau:
+                gram = chunk.gram if chunk.gram is not None else _gram(v3)
+            return self.native.finish(chunk.v, gram, chunk.inv, chunk.proj, vd, kp,
+                                      self.reg_scale if problem.tau else 0.0, weight,
+                                      _REGULARIZER_EPS, du)
         value, mr = 0.0, None
         if problem.tau:
             gram = chunk.gram if chunk.gram is not None else _gram(v3)
@@ -502,7 +537,11 @@ class _Block:
     second visit overwrites once it has read them: what it computes goes elsewhere first.
     one_visit: each chunk is finished in the visit that forms it (the column-wise sweep): its Gram
     matrices come with its norms, and the GEMM's output is kept (a buffer more) until the
-    chunk's gradient gives the projection's dot from it."""
+    chunk's gradient gives the projection's dot from it.
+
+    Between the GEMMs, a visit's work runs in the native loops where they are available (one
+    pass each for the forward and the gradient), else in the eager ops below them, which say
+    the same arithmetic step by step."""
 
     def __init__(self, xs, labels, problem, reduction, proxies, per_chunk, store=None, kept=None,
                  in_gradient=False, one_visit=False):
@@ -511,24 +550,30 @@ class _Block:
         n, k, c = xs.shape[0], problem.k, problem.num_classes
         self.per_chunk, self.starts = per_chunk, list(range(0, c, per_chunk))
         self.store, self.kept, self.in_gradient = store, kept, in_gradient
-        identity = isinstance(reduction, _Identity)
+        self.native = _native_ops(xs)
+        self.identity = isinstance(reduction, _Identity)
+        softmax = isinstance(reduction, _Softmax)
         # J's buffer where it is not kept, and ds's where J is kept in the gradient's rows.
         self.t_buf = (xs.new_empty(n * per_chunk * k)
-                      if store is None or identity or in_gradient else None)
-        # The row-wise second visit's dL/dS of a chunk, formed from its logits (which may be kept
-        # in the gradient's rows); the column-wise sweep forms it in place.
-        self.g_buf = None if one_visit else xs.new_empty(n * per_chunk)
+                      if store is None or self.identity or in_gradient else None)
+        # The logits and 1/Z where they are not kept.
+        self.z_buf = xs.new_empty(n * per_chunk) if store is None else None
+        self.iz_buf = (xs.new_empty(n * per_chunk)
+                       if store is None and softmax and self.native is not None else None)
         # The GEMM's output, kept for the projection's dot by a chunk finished in its visit.
         self.r_buf = (xs.new_empty(n * per_chunk * k)
                       if one_visit and problem.normalise and not problem.averaged else None)
-        self.e_buf = (xs.new_empty(n * per_chunk * k) if isinstance(reduction, _Softmax)
+        self.e_buf = (xs.new_empty(n * per_chunk * k) if softmax and self.native is None
                       else None)
+        self.labels = labels.to(torch.int64).contiguous()
         # Rows sorted by label: those whose positive lies in a chunk are one slice of the order.
         self.sorted_labels, self.order = torch.sort(labels, stable=True)
         self.cuts = torch.searchsorted(self.sorted_labels,
                                        torch.tensor(self.starts + [c])).tolist()
 
-    def visit(self, j: int) -> _Visit:
+    def visit(self, j: int, run: tuple[torch.Tensor, torch.Tensor] | None = None) -> _Visit:
+        """Chunk j's GEMM and what follows it. run: the rows' running max and sum of the online
+        log-sum-exp over the chunks so far (the row-wise family), updated in place."""
         n, k, problem = self.xs.shape[0], self.problem.k, self.problem
         start = self.starts[j]
         stop = min(problem.num_classes, start + self.per_chunk)
@@ -540,63 +585,110 @@ class _Block:
         t_out = parts.get("j", self.t_buf[:size].view(n, -1) if self.t_buf is not None else None)
         raw_out = parts.get("raw", self.r_buf[:size].view(n, -1) if self.r_buf is not None
                             else None)
-        raw = None
-        if chunk.col_scale is not None and raw_out is not None:
-            raw = torch.mm(self.xs, chunk.w.T, out=raw_out)
+        z = parts.get("z", self.z_buf[:n * m].view(n, m) if self.z_buf is not None else None)
+        keep_raw = chunk.col_scale is not None and raw_out is not None
+        product = torch.mm(self.xs, chunk.w.T, out=raw_out if keep_raw else t_out)
+        raw = product if keep_raw else None
+        lo, hi = self.cuts[j], self.cuts[j + 1]
+        rows, cols = self.order[lo:hi], self.sorted_labels[lo:hi] - start
+        if self.native is not None:
+            inv_z = None
+            if isinstance(self.reduction, _Softmax):
+                inv_z = parts.get("inv_z", self.iz_buf[:n * m].view(n, m)
+                                  if self.iz_buf is not None else None)
+            reduction = self.reduction
+            self.native.visit_forward(
+                product, chunk.col_scale, t_out, z, inv_z, self.labels, start,
+                reduction.native_mode, k, getattr(reduction, "gamma", 1.0),
+                getattr(reduction, "shift", False), problem.alpha, problem.negative_delta,
+                *(run if run is not None else (None, None)))
+            return _Visit(chunk, t_out.view(n, -1, k), inv_z, z, rows, cols, raw)
+        if keep_raw:
             t2 = torch.mul(raw, chunk.col_scale, out=t_out)
         else:
-            t2 = torch.mm(self.xs, chunk.w.T, out=t_out)
+            t2 = product
             if chunk.col_scale is not None:
                 t2.mul_(chunk.col_scale)
         t = t2.view(n, -1, k)
         e = self.e_buf[:size].view(t.shape) if self.e_buf is not None else None
         s, inv_z = self.reduction.forward(t, e)
-        lo, hi = self.cuts[j], self.cuts[j + 1]
-        rows, cols = self.order[lo:hi], self.sorted_labels[lo:hi] - start
         if "inv_z" in parts:
             inv_z = parts["inv_z"].copy_(inv_z)
-        z = torch.add(s, problem.negative_delta, out=parts.get("z")).mul_(problem.alpha)
+        z = torch.add(s, problem.negative_delta, out=z).mul_(problem.alpha)
         z.index_put_((rows, cols), z.new_tensor(float("-inf")))
+        if run is not None:
+            run_max, run_sum = run
+            new_max = torch.maximum(run_max, z.amax(1))
+            run_sum.mul_(run_max.sub_(new_max).exp_()).add_(
+                torch.sub(z, new_max.unsqueeze(1)).exp_().sum(1))
+            run_max.copy_(new_max)
         return _Visit(chunk, t, inv_z, z, rows, cols, raw)
 
-    def gradient_of(self, visit: _Visit, norm: torch.Tensor, weight: torch.Tensor):
-        """weight e^(z - norm) of a visited chunk (n, m), out of the chunk's region."""
-        n, m = visit.z.shape
-        return torch.sub(visit.z, norm.unsqueeze(1),
-                         out=self.g_buf[:n * m].view(n, m)).exp_().mul_(weight)
+    def column_lse(self, z: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """N_c = log(1 + sum_i e^z_ic) of a visited chunk's logits (n, m), into out (m,)."""
+        if self.native is not None:
+            self.native.column_lse(z, out)
+            return out
+        zmax = z.amax(0).clamp_min_(0.0)  # the zero logit takes part in the max
+        total = torch.sub(z, zmax).exp_().sum(0).add_(zmax.neg().exp_())
+        return out.copy_(total.log_().add_(zmax))
 
-    def write_grads(self, visit: _Visit, g: torch.Tensor, x, dx, dw, first: bool,
-                    reg_weight: float = 0.0):
-        """G = dL/dS of a visited chunk (n, m), overwritten -> ds -> dx += ds u[chunk] and the
-        chunk's D (= when first, else +=). Where the GEMM's output was kept, the chunk is
-        finished here, before D is formed (see _Proxies.finish), from the rows'
-        v . D = sum_i ds_it inv_t (x_i . v_t), the column sums of ds * inv times that output, and
-        its share of eq. 3 is returned; else None, and the chunk is left to finish."""
+    def chunk_gradient(self, visit: _Visit, g_pos: torch.Tensor, row_shift=None,
+                       row_weight=None, col_shift=None, col_weight=None):
+        """ds (n, m*k) of a visited chunk and, where its GEMM's output was kept, the rows'
+        v . D = sum_i ds_it inv_t (x_i . v_t) (m*k,), the column sums of ds * inv times that
+        output. dL/dS = e^(z - row_shift_i - col_shift_c) row_weight_i col_weight_c at the
+        negatives (each factor 1 or 0 where None), and g_pos_i at row i's positive. Overwrites
+        the logits, and J unless it is in the gradient's rows."""
+        n, m = visit.z.shape
+        k, chunk = self.problem.k, visit.chunk
+        ds_out = (self.t_buf[:n * m * k].view(n, -1) if self.in_gradient
+                  else visit.z if self.identity else visit.t.view(n, -1))
+        scale = self.reduction.x_scale
+        if self.native is not None:
+            vd = visit.raw.new_empty(m * k) if visit.raw is not None else None
+            self.native.chunk_gradient(
+                visit.z, None if self.identity else visit.t, visit.inv_z, chunk.col_scale,
+                visit.raw, self.labels, chunk.start, g_pos, row_shift, row_weight, col_shift,
+                col_weight, k, ds_out, vd, 1.0 / scale)
+            return ds_out, vd
+        # In the identity the gradient is ds itself; in the gradient's rows it must not stay
+        # there, which the proxies' gradient overwrites before ds has been read.
+        g = ds_out if self.identity and self.in_gradient else visit.z
+        shift = row_shift.unsqueeze(1) if row_shift is not None else col_shift
+        torch.sub(visit.z, shift, out=g).exp_()
+        if row_weight is not None:
+            g.mul_(row_weight.unsqueeze(1))
+        if col_weight is not None:
+            g.mul_(col_weight)
+        g.index_put_((visit.rows, visit.cols), g_pos[visit.rows])
         if visit.inv_z is not None:
             g.mul_(visit.inv_z)
-        if isinstance(self.reduction, _Identity):
-            ds = g
-        elif self.in_gradient:
-            ds = torch.mul(visit.t, g.unsqueeze(-1),
-                           out=self.t_buf[:visit.t.numel()].view(visit.t.shape))
-        else:
-            ds = visit.t.mul_(g.unsqueeze(-1))
-        ds = ds.view(x.shape[0], -1)
-        chunk = visit.chunk
+        if not self.identity:
+            torch.mul(visit.t, g.unsqueeze(-1), out=ds_out.view(visit.t.shape))
+        ds = ds_out
         if chunk.col_scale is not None:
             ds.mul_(chunk.col_scale)
+        if visit.raw is None:
+            return ds, None
+        vd = visit.raw.mul_(ds).sum(0)
+        return ds, vd.div_(scale) if scale != 1.0 else vd
+
+    def write_grads(self, visit: _Visit, ds: torch.Tensor, vd: torch.Tensor | None, x, dx, dw,
+                    first: bool, reg_weight: float = 0.0):
+        """dx += ds u[chunk] and the chunk's D (= when first, else +=). With vd (the GEMM's output
+        was kept), the chunk is finished here, before D is formed (see _Proxies.finish), and its
+        share of eq. 3 is returned; else None, and the chunk is left to finish."""
+        chunk = visit.chunk
         if dx is not None:
             dx.addmm_(ds, chunk.w)
         if dw is None:
             return None
         kp = self.problem.proxies_per_class
         du = dw[chunk.start * kp:chunk.stop * kp]
-        if visit.raw is None:
+        if vd is None:
             self.proxies.add_grad(chunk, ds, x, du, first)
             return None
-        vd = visit.raw.mul_(ds).sum(0)
-        if self.reduction.x_scale != 1.0:
-            vd.div_(self.reduction.x_scale)
         value = self.proxies.finish(chunk, du, reg_weight, vd)
         self.proxies.add_grad(chunk, ds, x, du, first=False)
         return value
@@ -690,6 +782,7 @@ def _column_wise(x, w, labels, problem, reduction, chunk_elements, grads=None, k
     if grads is not None:
         g_p, g_n = grads.upstream
         g_pos = (q - p[index]).exp_().mul_(g_p[index]).mul_(-alpha)
+        g_neg = g_n * alpha
     per_chunk = _classes_per_chunk(chunk_elements, x.shape[0], problem, x.shape[1])
     proxies = _Proxies(w, problem, per_chunk)
     block = _Block(_scaled(x, reduction), labels, problem, reduction, proxies, per_chunk,
@@ -699,15 +792,11 @@ def _column_wise(x, w, labels, problem, reduction, chunk_elements, grads=None, k
     for j in range(len(block.starts)):
         visit = block.visit(j)
         start, stop = visit.chunk.start, visit.chunk.stop
-        zmax = visit.z.amax(0).clamp_min_(0.0)  # the zero logit takes part in the max
-        ez = visit.z.sub_(zmax).exp_()
-        n_c = ez.sum(0).add_(zmax.neg().exp_()).log_().add_(zmax)
-        negative[start:stop] = n_c
+        n_c = block.column_lse(visit.z, negative[start:stop])
         if grads is not None:
-            # e^(z - N_c) = ez e^(zmax - N_c); the positive entries of ez are 0, g_pos goes there.
-            g = ez.mul_(zmax.sub_(n_c).exp_().mul_(g_n[start:stop]).mul_(alpha))
-            g.index_put_((visit.rows, visit.cols), g_pos[visit.rows])
-            value = block.write_grads(visit, g, x, grads.dx, dw, True, grads.reg_weight)
+            ds, vd = block.chunk_gradient(visit, g_pos, col_shift=n_c,
+                                          col_weight=g_neg[start:stop])
+            value = block.write_grads(visit, ds, vd, x, grads.dx, dw, True, grads.reg_weight)
             if value is not None:
                 regularizer.append(value)
                 continue
@@ -871,11 +960,7 @@ def _row_wise(x, w, labels, problem, reduction, chunk_elements, grads=None, know
             run_max = q_b.clamp_min(floor) if with_q else q_b.new_full(q_b.shape, floor)
             run_sum = (q_b - run_max).exp_() if with_q else q_b.new_zeros(q_b.shape)
             for j in range(len(starts)):
-                visit = block.visit(j)
-                new_max = torch.maximum(run_max, visit.z.amax(1))
-                run_sum = run_sum.mul_(run_max.sub_(new_max).exp_()).add_(
-                    torch.sub(visit.z, new_max.unsqueeze(1)).exp_().sum(1))
-                run_max = new_max
+                visit = block.visit(j, (run_max, run_sum))
                 if keep:
                     visits.append(visit)
                 if grads is None:
@@ -890,7 +975,7 @@ def _row_wise(x, w, labels, problem, reduction, chunk_elements, grads=None, know
         if with_q:
             d_q += (q_b - norm).exp_() * g_lse
         g_pos = d_q.mul_(problem.positive_sign * problem.alpha)
-        row_weight = (g_lse * problem.alpha).unsqueeze(1)
+        row_weight = g_lse * problem.alpha
         dx_b = grads.dx[lo:hi] if grads.dx is not None else None
         for j in range(len(starts)):
             if keep:
@@ -899,9 +984,8 @@ def _row_wise(x, w, labels, problem, reduction, chunk_elements, grads=None, know
                     visit.chunk = proxies.chunk(visit.chunk.start, visit.chunk.stop)
             else:
                 visit = block.visit(j)
-            g = block.gradient_of(visit, norm, row_weight)
-            g.index_put_((visit.rows, visit.cols), g_pos[visit.rows])
-            value = block.write_grads(visit, g, x[lo:hi], dx_b, grads.dw, lo == 0,
+            ds, vd = block.chunk_gradient(visit, g_pos, row_shift=norm, row_weight=row_weight)
+            value = block.write_grads(visit, ds, vd, x[lo:hi], dx_b, grads.dw, lo == 0,
                                       grads.reg_weight)
             if value is not None:
                 regularizer.append(value)

@@ -1,0 +1,521 @@
+// Native loops of the "torch" backend's chunk sweep (mpa_kernels/backends/torch_chunked.py).
+//
+// Between its GEMMs, a chunk of classes costs the eager sweep some ten passes over the chunk's
+// similarities (n x m classes x k proxies), each an ATen op of its own that reads and writes the
+// whole chunk and costs a dispatch. Here the same arithmetic is one pass per visit:
+//
+//   visit_forward:  the GEMM's output -> J = Z dS/ds (in place or beside it), the negative logits
+//                   z = alpha (S + delta) with -inf at each row's positive, 1/Z, and for the
+//                   row-wise family the rows' online log-sum-exp over the chunks seen so far.
+//   column_lse:     a class's log-sum-exp over the rows with a zero logit (the column-wise family).
+//   chunk_gradient: dL/dS = exp(z - a_i - b_c) r_i q_c at the negatives and the given value at
+//                   each row's positive, then ds = J dL/dS / Z scaled by the proxies' inverse
+//                   norms, and the column sums of ds times the GEMM's output (the projection's dot).
+//
+// The formulas are those of the eager code, which derives them; the eager code stays the fallback
+// where these cannot be built, and the tests hold the two to each other and to the reference.
+// Everything is computed in the inputs' dtype (float or double), in the eager code's order where
+// it matters for precision: t - (h - 1) before the product with e.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <mutex>
+#include <utility>
+#include <optional>
+#include <vector>
+
+namespace {
+
+using at::vec::Vectorized;
+
+enum Similarity : int64_t { kIdentity = 0, kSoftmax = 1, kMax = 2 };
+
+template <typename T>
+const T* ptr_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+T* mut_ptr_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+// out[0, n) = exp(in[0, n)), vectorised; in and out may be the same.
+template <typename T>
+void exp_into(const T* in, T* out, int64_t n) {
+  using V = Vectorized<T>;
+  int64_t i = 0;
+  for (; i + V::size() <= n; i += V::size()) V::loadu(in + i).exp().store(out + i);
+  if (i < n) V::loadu(in + i, n - i).exp().store(out + i, n - i);
+}
+
+// max and sum of a[0, n), vectorised (a float reduction in one register would be one chain of
+// dependent adds: four cycles an element). The max propagates a NaN, as torch.amax does.
+template <typename T>
+T max_of(const T* a, int64_t n, T init) {
+  using V = Vectorized<T>;
+  V top(init);
+  int64_t i = 0;
+  for (; i + V::size() <= n; i += V::size()) top = at::vec::maximum(top, V::loadu(a + i));
+  T lanes[V::size()];
+  top.store(lanes);
+  T out = init;
+  for (int64_t l = 0; l < V::size(); ++l) out = std::isnan(lanes[l]) ? lanes[l] : std::max(out, lanes[l]);
+  for (; i < n; ++i) out = std::isnan(a[i]) ? a[i] : std::max(out, a[i]);
+  return out;
+}
+
+template <typename T>
+T sum_of(const T* a, int64_t n) {
+  using V = Vectorized<T>;
+  V acc(T(0));
+  int64_t i = 0;
+  for (; i + V::size() <= n; i += V::size()) acc = acc + V::loadu(a + i);
+  T lanes[V::size()];
+  acc.store(lanes);
+  T out = 0;
+  for (int64_t l = 0; l < V::size(); ++l) out += lanes[l];
+  for (; i < n; ++i) out += a[i];
+  return out;
+}
+
+// One row of a chunk: t (m*k) -> J in place, S (m), 1/Z (m). e: scratch of m*k.
+template <typename T>
+void reduce_row(T* t, T* e, T* s, T* inv_z, int64_t m, int64_t k, int64_t mode, T gamma,
+                bool shift) {
+  if (mode == kSoftmax) {
+    if (shift) {  // exp(t - max_k t): the shift cancels in p, and keeps e finite
+      for (int64_t c = 0; c < m; ++c) {
+        const T* tc = t + c * k;
+        T top = tc[0];
+        for (int64_t q = 1; q < k; ++q) top = std::max(top, tc[q]);
+        for (int64_t q = 0; q < k; ++q) e[c * k + q] = tc[q] - top;
+      }
+      exp_into(e, e, m * k);
+    } else {
+      exp_into(t, e, m * k);
+    }
+    for (int64_t c = 0; c < m; ++c) {
+      T* tc = t + c * k;
+      const T* ec = e + c * k;
+      T z = 0, et = 0;
+      for (int64_t q = 0; q < k; ++q) {
+        z += ec[q];
+        et += ec[q] * tc[q];
+      }
+      const T h = et / z;
+      const T h1 = h - T(1);
+      for (int64_t q = 0; q < k; ++q) tc[q] = (tc[q] - h1) * ec[q];
+      s[c] = h * gamma;
+      inv_z[c] = T(1) / z;
+    }
+  } else if (mode == kMax) {
+    // The first of equal maxima, and a NaN over any number, as torch.max(dim) picks.
+    for (int64_t c = 0; c < m; ++c) {
+      T* tc = t + c * k;
+      int64_t best = 0;
+      for (int64_t q = 1; q < k; ++q) {
+        if (std::isnan(tc[best])) break;
+        if (tc[q] > tc[best] || std::isnan(tc[q])) best = q;
+      }
+      s[c] = tc[best];
+      for (int64_t q = 0; q < k; ++q) tc[q] = q == best ? T(1) : T(0);
+    }
+  } else {
+    std::copy(t, t + m, s);
+  }
+}
+
+template <typename T>
+void visit_forward_impl(const at::Tensor& raw, const std::optional<at::Tensor>& col_scale,
+                        const at::Tensor& j_out, const at::Tensor& z_out,
+                        const std::optional<at::Tensor>& inv_z_out, const at::Tensor& labels,
+                        int64_t start, int64_t mode, int64_t k, double gamma, bool shift,
+                        double alpha, double delta, const std::optional<at::Tensor>& run_max,
+                        const std::optional<at::Tensor>& run_sum) {
+  using V = Vectorized<T>;
+  const int64_t n = z_out.size(0), m = z_out.size(1), mk = m * k;
+  const T* raw_p = raw.data_ptr<T>();
+  const T* scale_p = ptr_or_null<T>(col_scale);
+  T* j_p = j_out.data_ptr<T>();
+  T* z_p = z_out.data_ptr<T>();
+  T* iz_p = mut_ptr_or_null<T>(inv_z_out);
+  const int64_t* lab_p = labels.data_ptr<int64_t>();
+  T* rmax_p = mut_ptr_or_null<T>(run_max);
+  T* rsum_p = mut_ptr_or_null<T>(run_sum);
+  const T a = static_cast<T>(alpha), ad = static_cast<T>(alpha * delta);
+  const T g = static_cast<T>(gamma);
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  at::parallel_for(0, n, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<T> e(mode == kSoftmax ? mk : 0), s(m), iz(iz_p ? 0 : m);
+    for (int64_t i = lo; i < hi; ++i) {
+      const T* r = raw_p + i * mk;
+      T* t = j_p + i * mk;
+      if (scale_p) {
+        int64_t p = 0;
+        for (; p + V::size() <= mk; p += V::size())
+          (V::loadu(r + p) * V::loadu(scale_p + p)).store(t + p);
+        for (; p < mk; ++p) t[p] = r[p] * scale_p[p];
+      } else if (t != r) {
+        std::copy(r, r + mk, t);
+      }
+      T* izr = iz_p ? iz_p + i * m : iz.data();
+      reduce_row(t, e.data(), s.data(), izr, m, k, mode, g, shift);
+      T* z = z_p + i * m;
+      for (int64_t c = 0; c < m; ++c) z[c] = a * s[c] + ad;  // alpha (S + delta)
+      const int64_t pos = lab_p[i] - start;
+      if (pos >= 0 && pos < m) z[pos] = neg_inf;
+      if (rmax_p) {
+        // The running max starts at the dtype's lowest finite number, never -inf, so that
+        // exp(-inf - max) is 0 for a row without a logit yet.
+        const T top = max_of(z, m, rmax_p[i]);
+        for (int64_t c = 0; c < m; ++c) s[c] = z[c] - top;
+        exp_into(s.data(), s.data(), m);
+        rsum_p[i] = rsum_p[i] * std::exp(rmax_p[i] - top) + sum_of(s.data(), m);
+        rmax_p[i] = top;
+      }
+    }
+  });
+}
+
+template <typename T>
+void column_lse_impl(const at::Tensor& z, const at::Tensor& out) {
+  using V = Vectorized<T>;
+  const int64_t n = z.size(0), m = z.size(1);
+  const T* z_p = z.data_ptr<T>();
+  T* out_p = out.data_ptr<T>();
+  // Columns in blocks, so that the rows are read in contiguous runs and the sums vectorise.
+  constexpr int64_t kBlock = 256;
+  at::parallel_for(0, (m + kBlock - 1) / kBlock, 1, [&](int64_t blo, int64_t bhi) {
+    std::vector<T> top(kBlock), sum(kBlock), tmp(kBlock);
+    for (int64_t b = blo; b < bhi; ++b) {
+      const int64_t c0 = b * kBlock, w = std::min(kBlock, m - c0);
+      std::fill(top.begin(), top.begin() + w, T(0));  // the zero logit takes part in the max
+      for (int64_t i = 0; i < n; ++i) {
+        const T* z = z_p + i * m + c0;
+        for (int64_t c = 0; c < w; ++c) top[c] = std::max(top[c], z[c]);
+      }
+      for (int64_t c = 0; c < w; ++c) tmp[c] = -top[c];
+      exp_into(tmp.data(), sum.data(), w);
+      for (int64_t i = 0; i < n; ++i) {
+        const T* z = z_p + i * m + c0;
+        int64_t c = 0;
+        for (; c + V::size() <= w; c += V::size())
+          (V::loadu(sum.data() + c) + (V::loadu(z + c) - V::loadu(top.data() + c)).exp())
+              .store(sum.data() + c);
+        for (; c < w; ++c) sum[c] += std::exp(z[c] - top[c]);
+      }
+      for (int64_t c = 0; c < w; ++c) out_p[c0 + c] = std::log(sum[c]) + top[c];
+    }
+  });
+}
+
+template <typename T>
+void chunk_gradient_impl(const at::Tensor& z, const std::optional<at::Tensor>& j,
+                         const std::optional<at::Tensor>& inv_z,
+                         const std::optional<at::Tensor>& col_scale,
+                         const std::optional<at::Tensor>& raw, const at::Tensor& labels,
+                         int64_t start, const at::Tensor& g_pos,
+                         const std::optional<at::Tensor>& row_shift,
+                         const std::optional<at::Tensor>& row_weight,
+                         const std::optional<at::Tensor>& col_shift,
+                         const std::optional<at::Tensor>& col_weight, int64_t k,
+                         const at::Tensor& ds_out, const std::optional<at::Tensor>& vd_out,
+                         double vd_scale) {
+  using V = Vectorized<T>;
+  const int64_t n = z.size(0), m = z.size(1), mk = m * k;
+  const T* z_p = z.data_ptr<T>();
+  const T* j_p = ptr_or_null<T>(j);
+  const T* iz_p = ptr_or_null<T>(inv_z);
+  const T* scale_p = ptr_or_null<T>(col_scale);
+  const T* raw_p = ptr_or_null<T>(raw);
+  const int64_t* lab_p = labels.data_ptr<int64_t>();
+  const T* gp_p = g_pos.data_ptr<T>();
+  const T* rs_p = ptr_or_null<T>(row_shift);
+  const T* rw_p = ptr_or_null<T>(row_weight);
+  const T* cs_p = ptr_or_null<T>(col_shift);
+  const T* cw_p = ptr_or_null<T>(col_weight);
+  T* ds_p = ds_out.data_ptr<T>();
+  T* vd_p = mut_ptr_or_null<T>(vd_out);
+  // Rows split over the threads (equal shares whatever m); each range sums its own share of the
+  // projection's dot, and the shares are added in the order of their rows.
+  std::mutex mutex;
+  std::vector<std::pair<int64_t, std::vector<T>>> shares;
+  at::parallel_for(0, n, 1, [&](int64_t lo, int64_t hi) {
+    // gr: dL/dS / Z of one row; ge: the same, repeated over each class's k proxies.
+    std::vector<T> gr(m), ge(k > 1 ? mk : 0), vd(vd_p ? mk : 0, T(0));
+    for (int64_t i = lo; i < hi; ++i) {
+      const T* zr = z_p + i * m;
+      const V shift_i(rs_p ? rs_p[i] : T(0)), weight_i(rw_p ? rw_p[i] : T(1));
+      for (int64_t c = 0; c < m; c += V::size()) {
+        const int64_t l = std::min<int64_t>(V::size(), m - c);
+        V a = V::loadu(zr + c, l) - shift_i;
+        if (cs_p) a = a - V::loadu(cs_p + c, l);
+        a = a.exp() * weight_i;
+        if (cw_p) a = a * V::loadu(cw_p + c, l);
+        if (iz_p) a = a * V::loadu(iz_p + i * m + c, l);
+        a.store(gr.data() + c, l);
+      }
+      const int64_t pos = lab_p[i] - start;
+      if (pos >= 0 && pos < m) gr[pos] = gp_p[i] * (iz_p ? iz_p[i * m + pos] : T(1));
+      const T* g = gr.data();
+      if (k > 1) {
+        for (int64_t c = 0; c < m; ++c) std::fill(ge.data() + c * k, ge.data() + (c + 1) * k, gr[c]);
+        g = ge.data();
+      }
+      T* ds = ds_p + i * mk;
+      const T* jr = j_p ? j_p + i * mk : nullptr;
+      for (int64_t p = 0; p < mk; p += V::size()) {
+        const int64_t l = std::min<int64_t>(V::size(), mk - p);
+        V a = V::loadu(g + p, l);
+        if (jr) a = a * V::loadu(jr + p, l);
+        if (scale_p) a = a * V::loadu(scale_p + p, l);
+        a.store(ds + p, l);
+      }
+      if (vd_p) {
+        const T* rr = raw_p + i * mk;
+        int64_t p = 0;
+        for (; p + V::size() <= mk; p += V::size())
+          (V::loadu(vd.data() + p) + V::loadu(rr + p) * V::loadu(ds + p)).store(vd.data() + p);
+        for (; p < mk; ++p) vd[p] += rr[p] * ds[p];
+      }
+    }
+    if (vd_p) {
+      std::lock_guard<std::mutex> guard(mutex);
+      shares.emplace_back(lo, std::move(vd));
+    }
+  });
+  if (vd_p) {
+    std::sort(shares.begin(), shares.end(),
+              [](const auto& a, const auto& b) { return a.first < b.first; });
+    std::fill(vd_p, vd_p + mk, T(0));
+    for (const auto& share : shares)
+      for (int64_t p = 0; p < mk; ++p) vd_p[p] += share.second[p];
+    for (int64_t p = 0; p < mk; ++p) vd_p[p] *= static_cast<T>(vd_scale);
+  }
+}
+
+// The classes' K x K Gram matrices A = V V^T of the rows v (m*K x d), and from their diagonals
+// the inverse norms 1 / max(||v||, eps) and the projection's factor inv^2 (0 where clamped).
+template <typename T>
+void class_gram_impl(const at::Tensor& v, int64_t kp, const at::Tensor& gram,
+                     const at::Tensor& inv, const at::Tensor& proj, double eps) {
+  using V = Vectorized<T>;
+  const int64_t d = v.size(1), m = v.size(0) / kp;
+  const T* v_p = v.data_ptr<T>();
+  T* g_p = gram.data_ptr<T>();
+  T* inv_p = inv.data_ptr<T>();
+  T* proj_p = proj.data_ptr<T>();
+  at::parallel_for(0, m, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; ++c) {
+      const T* vc = v_p + c * kp * d;
+      T* a = g_p + c * kp * kp;
+      for (int64_t t = 0; t < kp; ++t)
+        for (int64_t u = t; u < kp; ++u) {
+          V acc(T(0));
+          int64_t j = 0;
+          for (; j + V::size() <= d; j += V::size())
+            acc = at::vec::fmadd(V::loadu(vc + t * d + j), V::loadu(vc + u * d + j), acc);
+          T lanes[V::size()];
+          acc.store(lanes);
+          T dot = 0;
+          for (int64_t l = 0; l < V::size(); ++l) dot += lanes[l];
+          for (; j < d; ++j) dot += vc[t * d + j] * vc[u * d + j];
+          a[t * kp + u] = a[u * kp + t] = dot;
+        }
+      for (int64_t t = 0; t < kp; ++t) {
+        const T norm = std::sqrt(a[t * kp + t]);
+        const T r = T(1) / std::max(norm, static_cast<T>(eps));
+        inv_p[c * kp + t] = r;
+        proj_p[c * kp + t] = norm > static_cast<T>(eps) ? r * r : T(0);
+      }
+    }
+  });
+}
+
+// A chunk's finish where the rows' v . D (vd) is known before D: the regulariser's share of its
+// classes (returned, times scale) and, into du, (Mr - diag(c)) V, with Mr and c as the eager
+// _Proxies.finish derives them; without Gram matrices (no regulariser) Mr = 0.
+template <typename T>
+double finish_impl(const at::Tensor& v, const std::optional<at::Tensor>& gram,
+                   const at::Tensor& inv, const at::Tensor& proj, const at::Tensor& vd,
+                   int64_t kp, double scale, double weight, double eps, const at::Tensor& du) {
+  using V = Vectorized<T>;
+  const int64_t d = v.size(1), m = v.size(0) / kp;
+  const T* v_p = v.data_ptr<T>();
+  const T* g_p = ptr_or_null<T>(gram);
+  const T* inv_p = inv.data_ptr<T>();
+  const T* proj_p = proj.data_ptr<T>();
+  const T* vd_p = vd.data_ptr<T>();
+  T* du_p = du.data_ptr<T>();
+  std::vector<T> per_class(m, T(0));
+  const T sw = static_cast<T>(-scale * weight), e = static_cast<T>(eps);
+  at::parallel_for(0, m, 16, [&](int64_t lo, int64_t hi) {
+    std::vector<T> mat(kp * kp);
+    for (int64_t c = lo; c < hi; ++c) {
+      const T* ic = inv_p + c * kp;
+      std::fill(mat.begin(), mat.end(), T(0));
+      for (int64_t t = 0; t < kp; ++t) {
+        T dot = vd_p[c * kp + t];
+        if (g_p) {
+          const T* a = g_p + c * kp * kp + t * kp;
+          for (int64_t u = 0; u < kp; ++u) {
+            if (u == t) continue;
+            const T outer = ic[t] * ic[u];
+            const T sim = a[u] * outer;
+            // 2 (1 - m) + eps in that order (2 + eps rounds to 2 in fp32); a NaN stays one.
+            const T dist = std::sqrt((T(1) - std::min(sim, T(1))) * T(2) + e);
+            if (u > t) per_class[c] += dist;
+            const T mr = sim <= T(1) ? (T(1) / dist) * sw * outer : T(0);
+            mat[t * kp + u] = mr;
+            dot += mr * a[u];
+          }
+        }
+        mat[t * kp + t] = -dot * proj_p[c * kp + t];
+      }
+      // du_c = mat V_c, vectorised over d with the class's rows in registers.
+      const T* vc = v_p + c * kp * d;
+      T* oc = du_p + c * kp * d;
+      for (int64_t j = 0; j < d; j += V::size()) {
+        const int64_t l = std::min<int64_t>(V::size(), d - j);
+        for (int64_t t = 0; t < kp; ++t) {
+          V acc(T(0));
+          for (int64_t u = 0; u < kp; ++u)
+            acc = at::vec::fmadd(V(mat[t * kp + u]), V::loadu(vc + u * d + j, l), acc);
+          acc.store(oc + t * d + j, l);
+        }
+      }
+    }
+  });
+  double value = 0;
+  for (int64_t c = 0; c < m; ++c) value += per_class[c];
+  return value * scale;
+}
+
+void check(const at::Tensor& t, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, " must have the dtype of z");
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+}
+
+void check_opt(const std::optional<at::Tensor>& t, const at::Tensor& like, const char* name) {
+  if (t.has_value()) check(*t, like, name);
+}
+
+void check_labels(const at::Tensor& labels, int64_t n) {
+  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.is_contiguous() && labels.numel() == n,
+              "labels must be a contiguous int64 vector of the block's rows");
+}
+
+}  // namespace
+
+void visit_forward(const at::Tensor& raw, const std::optional<at::Tensor>& col_scale,
+                   const at::Tensor& j_out, const at::Tensor& z_out,
+                   const std::optional<at::Tensor>& inv_z_out, const at::Tensor& labels,
+                   int64_t start, int64_t mode, int64_t k, double gamma, bool shift, double alpha,
+                   double delta, const std::optional<at::Tensor>& run_max,
+                   const std::optional<at::Tensor>& run_sum) {
+  check(z_out, z_out, "z");
+  check(raw, z_out, "raw");
+  check(j_out, z_out, "J");
+  check_opt(col_scale, z_out, "col_scale");
+  check_opt(inv_z_out, z_out, "inv_z");
+  check_opt(run_max, z_out, "run_max");
+  check_opt(run_sum, z_out, "run_sum");
+  const int64_t n = z_out.size(0), m = z_out.size(1);
+  TORCH_CHECK(raw.numel() == n * m * k && j_out.numel() == n * m * k, "raw and J must be n x m*k");
+  TORCH_CHECK(mode != kSoftmax || inv_z_out.has_value(), "the softmax needs inv_z");
+  TORCH_CHECK(run_max.has_value() == run_sum.has_value(), "run_max and run_sum go together");
+  check_labels(labels, n);
+  AT_DISPATCH_FLOATING_TYPES(z_out.scalar_type(), "visit_forward", [&] {
+    visit_forward_impl<scalar_t>(raw, col_scale, j_out, z_out, inv_z_out, labels, start, mode, k,
+                                 gamma, shift, alpha, delta, run_max, run_sum);
+  });
+}
+
+void column_lse(const at::Tensor& z, const at::Tensor& out) {
+  check(z, z, "z");
+  check(out, z, "out");
+  TORCH_CHECK(out.numel() == z.size(1), "out must have one entry per column");
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "column_lse", [&] {
+    column_lse_impl<scalar_t>(z, out);
+  });
+}
+
+void chunk_gradient(const at::Tensor& z, const std::optional<at::Tensor>& j,
+                    const std::optional<at::Tensor>& inv_z,
+                    const std::optional<at::Tensor>& col_scale,
+                    const std::optional<at::Tensor>& raw, const at::Tensor& labels, int64_t start,
+                    const at::Tensor& g_pos, const std::optional<at::Tensor>& row_shift,
+                    const std::optional<at::Tensor>& row_weight,
+                    const std::optional<at::Tensor>& col_shift,
+                    const std::optional<at::Tensor>& col_weight, int64_t k,
+                    const at::Tensor& ds_out, const std::optional<at::Tensor>& vd_out,
+                    double vd_scale) {
+  check(z, z, "z");
+  for (const auto& [t, name] : {std::pair{&j, "J"}, {&inv_z, "inv_z"}, {&col_scale, "col_scale"},
+                                {&raw, "raw"}, {&row_shift, "row_shift"},
+                                {&row_weight, "row_weight"}, {&col_shift, "col_shift"},
+                                {&col_weight, "col_weight"}, {&vd_out, "vd"}})
+    check_opt(*t, z, name);
+  check(g_pos, z, "g_pos");
+  check(ds_out, z, "ds");
+  const int64_t n = z.size(0), m = z.size(1);
+  TORCH_CHECK(ds_out.numel() == n * m * k, "ds must be n x m*k");
+  TORCH_CHECK(!vd_out.has_value() || raw.has_value(), "the projection's dot needs raw");
+  check_labels(labels, n);
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "chunk_gradient", [&] {
+    chunk_gradient_impl<scalar_t>(z, j, inv_z, col_scale, raw, labels, start, g_pos, row_shift,
+                                  row_weight, col_shift, col_weight, k, ds_out, vd_out, vd_scale);
+  });
+}
+
+void class_gram(const at::Tensor& v, int64_t kp, const at::Tensor& gram, const at::Tensor& inv,
+                const at::Tensor& proj, double eps) {
+  check(v, v, "v");
+  check(gram, v, "gram");
+  check(inv, v, "inv");
+  check(proj, v, "proj");
+  const int64_t rows = v.size(0);
+  TORCH_CHECK(v.dim() == 2 && rows % kp == 0, "v must be (m*K, d)");
+  TORCH_CHECK(gram.numel() == rows * kp && inv.numel() == rows && proj.numel() == rows,
+              "gram must be (m, K, K), inv and proj (m*K,)");
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "class_gram", [&] {
+    class_gram_impl<scalar_t>(v, kp, gram, inv, proj, eps);
+  });
+}
+
+double finish(const at::Tensor& v, const std::optional<at::Tensor>& gram, const at::Tensor& inv,
+              const at::Tensor& proj, const at::Tensor& vd, int64_t kp, double scale,
+              double weight, double eps, const at::Tensor& du) {
+  check(v, v, "v");
+  check_opt(gram, v, "gram");
+  check(inv, v, "inv");
+  check(proj, v, "proj");
+  check(vd, v, "vd");
+  check(du, v, "du");
+  const int64_t rows = v.size(0);
+  TORCH_CHECK(v.dim() == 2 && rows % kp == 0 && du.numel() == v.numel(), "v and du must be (m*K, d)");
+  TORCH_CHECK(inv.numel() == rows && proj.numel() == rows && vd.numel() == rows,
+              "inv, proj and vd must be (m*K,)");
+  TORCH_CHECK(!gram.has_value() || gram->numel() == rows * kp, "gram must be (m, K, K)");
+  double value = 0;
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "finish", [&] {
+    value = finish_impl<scalar_t>(v, gram, inv, proj, vd, kp, scale, weight, eps, du);
+  });
+  return value;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("class_gram", &class_gram);
+  module.def("finish", &finish);
+  module.def("visit_forward", &visit_forward);
+  module.def("column_lse", &column_lse);
+  module.def("chunk_gradient", &chunk_gradient);
+}

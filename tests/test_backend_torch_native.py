@@ -1,0 +1,111 @@
+"""The ``"torch"`` backend's native loops (``torch_native.cpp``): built where a compiler is, equal
+to the eager ops they replace, and a fallback to those ops that says why.
+
+tests/test_backend_torch.py runs every reference comparison with both paths; here the two are
+held to each other at a shape with many chunks of many classes, where every buffer of the sweep
+is in use, and the loader's behaviour without a build is checked."""
+
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from mpa_kernels import functional as MF
+from mpa_kernels.backends import _native, torch_chunked
+
+LOSSES = {
+    "mpa": MF.mpa_loss,
+    "mpa_dw": MF.mpa_dw_loss,
+    "mpa_ap": MF.mpa_ap_loss,
+    "soft_triple": MF.soft_triple_loss,
+    "proxy_anchor": MF.proxy_anchor_loss,
+    "proxy_nca": MF.proxy_nca_loss,
+}
+ONE_PROXY = {"proxy_anchor", "proxy_nca"}
+CAN_BUILD = shutil.which("c++") is not None and shutil.which("ninja") is not None
+
+
+def test_native_loops_are_built_where_a_compiler_is():
+    """Where a C++ compiler and ninja are, the loops build; a failed build would otherwise only
+    show as a slower backend."""
+    if not CAN_BUILD:
+        pytest.skip("no C++ compiler or ninja on this machine: the eager ops run")
+    assert _native.module() is not None, _native.status()
+    assert _native.status().startswith("native")
+
+
+def _run(loss, similarity, regime, dtype, native, monkeypatch):
+    monkeypatch.setattr(torch_chunked, "NATIVE", native)
+    monkeypatch.setattr(torch_chunked, "DEFAULT_CHUNK_ELEMENTS", 4096)
+    monkeypatch.setattr(torch_chunked, "KEEP_IN_GRADIENT", regime == "gradient")
+    monkeypatch.setattr(torch_chunked, "MIN_BLOCK_ROWS", 1)
+    monkeypatch.setattr(torch_chunked, "ROW_BLOCK_BYTES", 1 << 40 if regime == "buffer" else 1)
+    gen = torch.Generator().manual_seed(7)
+    n, c, d = 40, 37, 100  # wide enough that the gradient regime keeps the GEMM output too
+    k = 1 if loss in ONE_PROXY else 10
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    w = torch.randn(c * k, d, generator=gen, dtype=torch.float64)
+    w = (w * torch.empty(c * k, 1, dtype=torch.float64).uniform_(0.2, 5.0, generator=gen))
+    w = w.to(dtype).requires_grad_()
+    labels = torch.randint(0, c, (n,), generator=gen)
+    kwargs = {} if loss in ONE_PROXY else {"similarity": similarity, "proxies_per_class": k}
+    value = LOSSES[loss](x, labels, w, backend="torch", **kwargs)
+    return (value.detach(), *torch.autograd.grad(value, [x, w]))
+
+
+# The column-wise losses have one regime (one sweep); the one-proxy losses no similarity mode.
+CASES = [(loss, similarity, regime)
+         for loss in LOSSES
+         for similarity in (["softmax"] if loss in ONE_PROXY else ["softmax", "max", "mean"])
+         for regime in (["gradient"] if loss in ("mpa", "proxy_anchor")
+                        else ["gradient", "buffer", "recompute"])]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("loss, similarity, regime", CASES)
+def test_native_equals_eager(loss, similarity, regime, dtype, monkeypatch):
+    if _native.module() is None:
+        pytest.skip(f"the native loops are not available here: {_native.status()}")
+    native = _run(loss, similarity, regime, dtype, True, monkeypatch)
+    eager = _run(loss, similarity, regime, dtype, False, monkeypatch)
+    # The same formulas in another order of rounding (vectorised sums, fused multiply-adds).
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for a, b in zip(native, eager):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * float(b.abs().max()))
+
+
+@pytest.fixture
+def fresh_loader(monkeypatch):
+    """The loader as before its first call (its result is cached for the process)."""
+    monkeypatch.setattr(_native, "_tried", False)
+    monkeypatch.setattr(_native, "_module", None)
+    monkeypatch.setattr(_native, "_reason", None)
+
+
+def test_switched_off_by_the_environment(fresh_loader, monkeypatch):
+    monkeypatch.setenv("MPA_KERNELS_NATIVE", "0")
+    monkeypatch.setattr(_native, "_build", lambda: pytest.fail("must not build"))
+    assert _native.module() is None
+    assert _native.status() == "eager: switched off by MPA_KERNELS_NATIVE=0"
+
+
+def test_a_failed_build_warns_once_and_falls_back(fresh_loader, monkeypatch):
+    def fail():
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.delenv("MPA_KERNELS_NATIVE", raising=False)
+    monkeypatch.setattr(_native, "_build", fail)
+    monkeypatch.setattr(torch_chunked, "NATIVE", True)
+    x = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4 * 3, 8, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 3, 0, 1])
+    with pytest.warns(RuntimeWarning, match="could not be built .*Ninja is required"):
+        value = MF.mpa_loss(x, labels, w, proxies_per_class=3, backend="torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: the second call is silent
+        again = MF.mpa_loss(x, labels, w, proxies_per_class=3, backend="torch")
+    reference = MF.mpa_loss(x, labels, w, proxies_per_class=3, backend="reference")
+    assert value.item() == pytest.approx(reference.item(), rel=1e-12)
+    assert again.item() == value.item()
+    assert _native.status().startswith("eager: could not be built (RuntimeError: Ninja")
