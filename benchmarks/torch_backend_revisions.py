@@ -3,6 +3,9 @@ side in one process, one thread: forward + backward medians and their ratio, per
 
     python -m benchmarks.torch_backend_revisions --against eceb071 --out benchmarks/results
 
+``--against eager`` compares this checkout's backend with itself with its native loops switched
+off (the eager ops that run where they cannot be built).
+
 The other revision's ``mpa_kernels/backends/torch_chunked.py`` is loaded as a stand-alone module
 (its entry point ``proxy_loss(x_hat, proxies, labels, spec, tau)`` has kept its signature), so
 both run against this checkout's front end, spec and normalisation. The calls alternate, so load
@@ -48,6 +51,19 @@ def _module_at(rev: str):
     return module
 
 
+class _Eager:
+    """This checkout's backend with its native loops off. The mean's gradients are formed in its
+    forward, so the switch need only hold during the call."""
+
+    @staticmethod
+    def proxy_loss(*args):
+        torch_chunked.NATIVE = False
+        try:
+            return torch_chunked.proxy_loss(*args)
+        finally:
+            torch_chunked.NATIVE = True
+
+
 def _time(module, x, w, y, spec, tau) -> float:
     xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
     start = time.perf_counter()
@@ -57,14 +73,15 @@ def _time(module, x, w, y, spec, tau) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--against", required=True, help="git revision to compare with")
+    parser.add_argument("--against", required=True,
+                        help="git revision to compare with, or 'eager': this one's eager ops")
     parser.add_argument("--shapes", default="cub,sop32,sop256,cpu-target")
     parser.add_argument("--losses", default=",".join(LOSSES))
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--out", default="benchmark-results")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    old = _module_at(args.against)
+    old = _Eager if args.against == "eager" else _module_at(args.against)
     shapes = SHAPES
     rows = []
     for shape_name in args.shapes.split(","):

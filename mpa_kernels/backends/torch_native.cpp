@@ -26,6 +26,7 @@
 #include <cmath>
 #include <limits>
 #include <mutex>
+#include <type_traits>
 #include <utility>
 #include <optional>
 #include <vector>
@@ -301,6 +302,93 @@ void chunk_gradient_impl(const at::Tensor& z, const std::optional<at::Tensor>& j
   }
 }
 
+// The per-class products of the proxies' side, one class's K rows (K x d, in L1) at a time. With
+// K known at compile time the K accumulators stay in registers and the K chains of dependent
+// multiply-adds interleave; kMaxUnrolledK bounds the instantiations, and larger K takes the loop
+// with K at run time.
+constexpr int64_t kMaxUnrolledK = 16;
+
+template <typename T>
+T lane_sum(const Vectorized<T>& a) {
+  T lanes[Vectorized<T>::size()];
+  a.store(lanes);
+  T out = 0;
+  for (int64_t l = 0; l < Vectorized<T>::size(); ++l) out += lanes[l];
+  return out;
+}
+
+// a (K x K) = V V^T, both halves.
+template <typename T, int KP>
+void gram_class(const T* vc, T* a, int64_t d, int64_t kp_runtime = KP) {
+  using V = Vectorized<T>;
+  const int64_t kp = KP > 0 ? KP : kp_runtime;
+  for (int64_t t = 0; t < kp; ++t) {
+    if constexpr (KP > 0) {
+      // All K products of row t, though only u >= t are kept: with a fixed trip count the
+      // accumulators stay in registers, which the half triangle's would not.
+      V acc[KP];
+      for (int64_t u = 0; u < KP; ++u) acc[u] = V(T(0));
+      int64_t j = 0;
+      for (; j + V::size() <= d; j += V::size()) {
+        const V vt = V::loadu(vc + t * d + j);
+        for (int64_t u = 0; u < KP; ++u) acc[u] = at::vec::fmadd(vt, V::loadu(vc + u * d + j), acc[u]);
+      }
+      for (int64_t u = t; u < KP; ++u) {
+        T dot = lane_sum(acc[u]);
+        for (int64_t q = j; q < d; ++q) dot += vc[t * d + q] * vc[u * d + q];
+        a[t * KP + u] = a[u * KP + t] = dot;
+      }
+    } else {
+      for (int64_t u = t; u < kp; ++u) {
+        V acc(T(0));
+        int64_t j = 0;
+        for (; j + V::size() <= d; j += V::size())
+          acc = at::vec::fmadd(V::loadu(vc + t * d + j), V::loadu(vc + u * d + j), acc);
+        T dot = lane_sum(acc);
+        for (; j < d; ++j) dot += vc[t * d + j] * vc[u * d + j];
+        a[t * kp + u] = a[u * kp + t] = dot;
+      }
+    }
+  }
+}
+
+// out (K x d) = mat (K x K) V (K x d).
+template <typename T, int KP>
+void times_class(const T* mat, const T* vc, T* out, int64_t d, int64_t kp_runtime = KP) {
+  using V = Vectorized<T>;
+  const int64_t kp = KP > 0 ? KP : kp_runtime;
+  for (int64_t j = 0; j < d; j += V::size()) {
+    const int64_t l = std::min<int64_t>(V::size(), d - j);
+    if constexpr (KP > 0) {
+      V acc[KP];
+      for (int64_t t = 0; t < KP; ++t) acc[t] = V(T(0));
+      for (int64_t u = 0; u < KP; ++u) {
+        const V vu = V::loadu(vc + u * d + j, l);
+        for (int64_t t = 0; t < KP; ++t) acc[t] = at::vec::fmadd(V(mat[t * KP + u]), vu, acc[t]);
+      }
+      for (int64_t t = 0; t < KP; ++t) acc[t].store(out + t * d + j, l);
+    } else {
+      for (int64_t t = 0; t < kp; ++t) {
+        V acc(T(0));
+        for (int64_t u = 0; u < kp; ++u)
+          acc = at::vec::fmadd(V(mat[t * kp + u]), V::loadu(vc + u * d + j, l), acc);
+        acc.store(out + t * d + j, l);
+      }
+    }
+  }
+}
+
+// f(std::integral_constant<int, K>) for 1 <= K <= kMaxUnrolledK, else f(integral_constant<int, 0>).
+template <int KP = 1, typename F>
+void with_k(int64_t kp, F&& f) {
+  if constexpr (KP > kMaxUnrolledK) {
+    f(std::integral_constant<int, 0>{});
+  } else {
+    if (kp == KP) return f(std::integral_constant<int, KP>{});
+    with_k<KP + 1>(kp, std::forward<F>(f));
+  }
+}
+
 // The classes' K x K Gram matrices A = V V^T of the rows v (m*K x d), and from their diagonals
 // the inverse norms 1 / max(||v||, eps) and the projection's factor inv^2 (0 where clamped).
 template <typename T>
@@ -316,19 +404,7 @@ void class_gram_impl(const at::Tensor& v, int64_t kp, const at::Tensor& gram,
     for (int64_t c = lo; c < hi; ++c) {
       const T* vc = v_p + c * kp * d;
       T* a = g_p + c * kp * kp;
-      for (int64_t t = 0; t < kp; ++t)
-        for (int64_t u = t; u < kp; ++u) {
-          V acc(T(0));
-          int64_t j = 0;
-          for (; j + V::size() <= d; j += V::size())
-            acc = at::vec::fmadd(V::loadu(vc + t * d + j), V::loadu(vc + u * d + j), acc);
-          T lanes[V::size()];
-          acc.store(lanes);
-          T dot = 0;
-          for (int64_t l = 0; l < V::size(); ++l) dot += lanes[l];
-          for (; j < d; ++j) dot += vc[t * d + j] * vc[u * d + j];
-          a[t * kp + u] = a[u * kp + t] = dot;
-        }
+      with_k(kp, [&](auto K) { gram_class<T, decltype(K)::value>(vc, a, d, kp); });
       for (int64_t t = 0; t < kp; ++t) {
         const T norm = std::sqrt(a[t * kp + t]);
         const T r = T(1) / std::max(norm, static_cast<T>(eps));
@@ -379,18 +455,9 @@ double finish_impl(const at::Tensor& v, const std::optional<at::Tensor>& gram,
         }
         mat[t * kp + t] = -dot * proj_p[c * kp + t];
       }
-      // du_c = mat V_c, vectorised over d with the class's rows in registers.
       const T* vc = v_p + c * kp * d;
       T* oc = du_p + c * kp * d;
-      for (int64_t j = 0; j < d; j += V::size()) {
-        const int64_t l = std::min<int64_t>(V::size(), d - j);
-        for (int64_t t = 0; t < kp; ++t) {
-          V acc(T(0));
-          for (int64_t u = 0; u < kp; ++u)
-            acc = at::vec::fmadd(V(mat[t * kp + u]), V::loadu(vc + u * d + j, l), acc);
-          acc.store(oc + t * d + j, l);
-        }
-      }
+      with_k(kp, [&](auto K) { times_class<T, decltype(K)::value>(mat.data(), vc, oc, d, kp); });
     }
   });
   double value = 0;
