@@ -112,3 +112,33 @@ def test_torch_backend_against_a_revision(tmp_path):
     rows = json.loads(path.read_text())["rows"]
     assert [(r["loss"], r["shape"]) for r in rows] == [("mpa", "tiny"), ("mpa_dw", "tiny")]
     assert all(r["before_s"] > 0 and r["after_s"] > 0 for r in rows)
+
+
+def test_torch_backend_against_its_eager_ops(tmp_path):
+    """--against eager times this checkout's native loops against its own eager ops, and restores
+    the switch afterwards."""
+    from benchmarks import torch_backend_revisions
+    from mpa_kernels.backends import torch_chunked
+
+    assert torch_backend_revisions.main(["--against", "eager", "--shapes", "tiny", "--losses",
+                                         "soft_triple", "--repeats", "1", "--out",
+                                         str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("torch-backend-*-vs-eager.json")
+    (row,) = json.loads(path.read_text())["rows"]
+    assert row["before_s"] > 0 and row["after_s"] > 0
+    assert torch_chunked.NATIVE is True
+
+
+def test_floor_ratio_alternates_and_writes_its_file(tmp_path):
+    from benchmarks import floor_ratio
+
+    assert floor_ratio.main(["--shapes", "tiny", "--losses", "mpa,proxy_nca", "--threads", "1",
+                             "--repeats", "2", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("*-floor-ratio.json")
+    doc = json.loads(path.read_text())
+    assert doc["environment"]["torch_backend_loops"] is not None
+    rows = doc["rows"]
+    assert [(r["loss"], r["threads"]) for r in rows] == [("mpa", 1), ("proxy_nca", 1)]
+    for r in rows:
+        assert r["ratio"] == pytest.approx(r["backend_median_s"] / r["floor_median_s"])
+        assert r["backend_min_s"] <= r["backend_median_s"] and r["floor_min_s"] > 0

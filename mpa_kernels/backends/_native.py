@@ -7,6 +7,9 @@ visit's share in one pass. It is compiled by :func:`torch.utils.cpp_extension.lo
 the backend runs (about half a minute; cached afterwards under ``TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``), for the vector instructions ATen itself uses on this CPU.
 
+Besides the sweep's buffers, the loops use scratch of one chunk row per thread (m*K numbers:
+kilobytes), from the C++ heap rather than torch's allocator.
+
 Where it cannot be built (no C++ compiler or ninja, a failed build) the backend keeps its eager
 ops, which compute the same numbers more slowly; :func:`status` says which path runs and why, and
 ``MPA_KERNELS_NATIVE=0`` in the environment chooses the eager ops without trying.
