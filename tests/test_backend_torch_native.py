@@ -109,3 +109,26 @@ def test_a_failed_build_warns_once_and_falls_back(fresh_loader, monkeypatch):
     assert value.item() == pytest.approx(reference.item(), rel=1e-12)
     assert again.item() == value.item()
     assert _native.status().startswith("eager: could not be built (RuntimeError: Ninja")
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("loss", ["mpa_dw", "mpa_ap", "soft_triple"])
+def test_gram_matrices_kept_in_the_gradient_are_read_before_it_is_written(loss, n, monkeypatch):
+    """With few rows the row-wise sweep keeps the chunk's Gram matrices in the chunk's rows of the
+    gradient, where the finish writes: every class's terms must be formed from them first (a
+    finish that wrote class by class once corrupted later classes' matrices)."""
+    monkeypatch.setattr(torch_chunked, "NATIVE", True)
+    monkeypatch.setattr(torch_chunked, "KEEP_IN_GRADIENT", True)
+    monkeypatch.setattr(torch_chunked, "DEFAULT_CHUNK_ELEMENTS", 40)
+    gen = torch.Generator().manual_seed(3)
+    c, k, d = 9, 3, 16
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    w = torch.randn(c * k, d, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, c, (n,), generator=gen)
+    results = []
+    for backend in ("torch", "reference"):
+        xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+        value = LOSSES[loss](xx, labels, ww, proxies_per_class=k, backend=backend)
+        results.append((value.detach(), *torch.autograd.grad(value, [xx, ww])))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10 * float(b.abs().max()))

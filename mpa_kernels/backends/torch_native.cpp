@@ -432,11 +432,13 @@ double finish_impl(const at::Tensor& v, const std::optional<at::Tensor>& gram,
   T* du_p = du.data_ptr<T>();
   std::vector<T> per_class(m, T(0));
   const T sw = static_cast<T>(-scale * weight), e = static_cast<T>(eps);
-  at::parallel_for(0, m, 16, [&](int64_t lo, int64_t hi) {
-    std::vector<T> mat(kp * kp);
+  // Every class's matrix first, then the products: the Gram matrices may lie in the chunk's own
+  // rows of the gradient (the row-wise sweep keeps them there), which the products overwrite.
+  std::vector<T> mats(m * kp * kp, T(0));
+  at::parallel_for(0, m, 64, [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) {
       const T* ic = inv_p + c * kp;
-      std::fill(mat.begin(), mat.end(), T(0));
+      T* mat = mats.data() + c * kp * kp;
       for (int64_t t = 0; t < kp; ++t) {
         T dot = vd_p[c * kp + t];
         if (g_p) {
@@ -455,9 +457,14 @@ double finish_impl(const at::Tensor& v, const std::optional<at::Tensor>& gram,
         }
         mat[t * kp + t] = -dot * proj_p[c * kp + t];
       }
+    }
+  });
+  at::parallel_for(0, m, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; ++c) {
       const T* vc = v_p + c * kp * d;
       T* oc = du_p + c * kp * d;
-      with_k(kp, [&](auto K) { times_class<T, decltype(K)::value>(mat.data(), vc, oc, d, kp); });
+      const T* mat = mats.data() + c * kp * kp;
+      with_k(kp, [&](auto K) { times_class<T, decltype(K)::value>(mat, vc, oc, d, kp); });
     }
   });
   double value = 0;
