@@ -13,6 +13,7 @@ import torch
 
 from mpa_kernels import functional as MF
 from mpa_kernels.backends import _native, torch_chunked
+from tests.test_backend_torch import _assert_matches, _inputs, _value_and_grads
 
 LOSSES = {
     "mpa": MF.mpa_loss,
@@ -41,17 +42,11 @@ def _run(loss, similarity, regime, dtype, native, monkeypatch):
     monkeypatch.setattr(torch_chunked, "KEEP_IN_GRADIENT", regime == "gradient")
     monkeypatch.setattr(torch_chunked, "MIN_BLOCK_ROWS", 1)
     monkeypatch.setattr(torch_chunked, "ROW_BLOCK_BYTES", 1 << 40 if regime == "buffer" else 1)
-    gen = torch.Generator().manual_seed(7)
-    n, c, d = 40, 37, 100  # wide enough that the gradient regime keeps the GEMM output too
     k = 1 if loss in ONE_PROXY else 10
-    x = torch.randn(n, d, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
-    w = torch.randn(c * k, d, generator=gen, dtype=torch.float64)
-    w = (w * torch.empty(c * k, 1, dtype=torch.float64).uniform_(0.2, 5.0, generator=gen))
-    w = w.to(dtype).requires_grad_()
-    labels = torch.randint(0, c, (n,), generator=gen)
+    # d wide enough that the gradient regime keeps the GEMM output too.
+    x, labels, w = _inputs(40, 37, k, "random", dtype, seed=7, d=100)
     kwargs = {} if loss in ONE_PROXY else {"similarity": similarity, "proxies_per_class": k}
-    value = LOSSES[loss](x, labels, w, backend="torch", **kwargs)
-    return (value.detach(), *torch.autograd.grad(value, [x, w]))
+    return _value_and_grads(LOSSES[loss], x, labels, w, "torch", **kwargs)
 
 
 # The column-wise losses have one regime (one sweep); the one-proxy losses no similarity mode.
@@ -70,9 +65,7 @@ def test_native_equals_eager(loss, similarity, regime, dtype, monkeypatch):
     native = _run(loss, similarity, regime, dtype, True, monkeypatch)
     eager = _run(loss, similarity, regime, dtype, False, monkeypatch)
     # The same formulas in another order of rounding (vectorised sums, fused multiply-adds).
-    tol = 1e-12 if dtype == torch.float64 else 2e-5
-    for a, b in zip(native, eager):
-        torch.testing.assert_close(a, b, rtol=tol, atol=tol * float(b.abs().max()))
+    _assert_matches(native, eager, 1e-12 if dtype == torch.float64 else 2e-5)
 
 
 @pytest.fixture
@@ -120,15 +113,7 @@ def test_gram_matrices_kept_in_the_gradient_are_read_before_it_is_written(loss, 
     monkeypatch.setattr(torch_chunked, "NATIVE", True)
     monkeypatch.setattr(torch_chunked, "KEEP_IN_GRADIENT", True)
     monkeypatch.setattr(torch_chunked, "DEFAULT_CHUNK_ELEMENTS", 40)
-    gen = torch.Generator().manual_seed(3)
-    c, k, d = 9, 3, 16
-    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
-    w = torch.randn(c * k, d, generator=gen, dtype=torch.float64)
-    labels = torch.randint(0, c, (n,), generator=gen)
-    results = []
-    for backend in ("torch", "reference"):
-        xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
-        value = LOSSES[loss](xx, labels, ww, proxies_per_class=k, backend=backend)
-        results.append((value.detach(), *torch.autograd.grad(value, [xx, ww])))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10 * float(b.abs().max()))
+    x, labels, w = _inputs(n, 9, 3, "random", torch.float64, seed=3, d=16)
+    got, want = (_value_and_grads(LOSSES[loss], x, labels, w, backend, proxies_per_class=3)
+                 for backend in ("torch", "reference"))
+    _assert_matches(got, want, 1e-10)

@@ -38,12 +38,7 @@ using at::vec::Vectorized;
 enum Similarity : int64_t { kIdentity = 0, kSoftmax = 1, kMax = 2 };
 
 template <typename T>
-const T* ptr_or_null(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr<T>() : nullptr;
-}
-
-template <typename T>
-T* mut_ptr_or_null(const std::optional<at::Tensor>& t) {
+T* data_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<T>() : nullptr;
 }
 
@@ -54,6 +49,15 @@ void exp_into(const T* in, T* out, int64_t n) {
   int64_t i = 0;
   for (; i + V::size() <= n; i += V::size()) V::loadu(in + i).exp().store(out + i);
   if (i < n) V::loadu(in + i, n - i).exp().store(out + i, n - i);
+}
+
+template <typename T>
+T lane_sum(const Vectorized<T>& a) {
+  T lanes[Vectorized<T>::size()];
+  a.store(lanes);
+  T out = 0;
+  for (int64_t l = 0; l < Vectorized<T>::size(); ++l) out += lanes[l];
+  return out;
 }
 
 // max and sum of a[0, n), vectorised (a float reduction in one register would be one chain of
@@ -78,10 +82,7 @@ T sum_of(const T* a, int64_t n) {
   V acc(T(0));
   int64_t i = 0;
   for (; i + V::size() <= n; i += V::size()) acc = acc + V::loadu(a + i);
-  T lanes[V::size()];
-  acc.store(lanes);
-  T out = 0;
-  for (int64_t l = 0; l < V::size(); ++l) out += lanes[l];
+  T out = lane_sum(acc);
   for (; i < n; ++i) out += a[i];
   return out;
 }
@@ -143,13 +144,13 @@ void visit_forward_impl(const at::Tensor& raw, const std::optional<at::Tensor>& 
   using V = Vectorized<T>;
   const int64_t n = z_out.size(0), m = z_out.size(1), mk = m * k;
   const T* raw_p = raw.data_ptr<T>();
-  const T* scale_p = ptr_or_null<T>(col_scale);
+  const T* scale_p = data_or_null<T>(col_scale);
   T* j_p = j_out.data_ptr<T>();
   T* z_p = z_out.data_ptr<T>();
-  T* iz_p = mut_ptr_or_null<T>(inv_z_out);
+  T* iz_p = data_or_null<T>(inv_z_out);
   const int64_t* lab_p = labels.data_ptr<int64_t>();
-  T* rmax_p = mut_ptr_or_null<T>(run_max);
-  T* rsum_p = mut_ptr_or_null<T>(run_sum);
+  T* rmax_p = data_or_null<T>(run_max);
+  T* rsum_p = data_or_null<T>(run_sum);
   const T a = static_cast<T>(alpha), ad = static_cast<T>(alpha * delta);
   const T g = static_cast<T>(gamma);
   const T neg_inf = -std::numeric_limits<T>::infinity();
@@ -232,18 +233,18 @@ void chunk_gradient_impl(const at::Tensor& z, const std::optional<at::Tensor>& j
   using V = Vectorized<T>;
   const int64_t n = z.size(0), m = z.size(1), mk = m * k;
   const T* z_p = z.data_ptr<T>();
-  const T* j_p = ptr_or_null<T>(j);
-  const T* iz_p = ptr_or_null<T>(inv_z);
-  const T* scale_p = ptr_or_null<T>(col_scale);
-  const T* raw_p = ptr_or_null<T>(raw);
+  const T* j_p = data_or_null<T>(j);
+  const T* iz_p = data_or_null<T>(inv_z);
+  const T* scale_p = data_or_null<T>(col_scale);
+  const T* raw_p = data_or_null<T>(raw);
   const int64_t* lab_p = labels.data_ptr<int64_t>();
   const T* gp_p = g_pos.data_ptr<T>();
-  const T* rs_p = ptr_or_null<T>(row_shift);
-  const T* rw_p = ptr_or_null<T>(row_weight);
-  const T* cs_p = ptr_or_null<T>(col_shift);
-  const T* cw_p = ptr_or_null<T>(col_weight);
+  const T* rs_p = data_or_null<T>(row_shift);
+  const T* rw_p = data_or_null<T>(row_weight);
+  const T* cs_p = data_or_null<T>(col_shift);
+  const T* cw_p = data_or_null<T>(col_weight);
   T* ds_p = ds_out.data_ptr<T>();
-  T* vd_p = mut_ptr_or_null<T>(vd_out);
+  T* vd_p = data_or_null<T>(vd_out);
   // Rows split over the threads (equal shares whatever m); each range sums its own share of the
   // projection's dot, and the shares are added in the order of their rows.
   std::mutex mutex;
@@ -307,15 +308,6 @@ void chunk_gradient_impl(const at::Tensor& z, const std::optional<at::Tensor>& j
 // multiply-adds interleave; kMaxUnrolledK bounds the instantiations, and larger K takes the loop
 // with K at run time.
 constexpr int64_t kMaxUnrolledK = 16;
-
-template <typename T>
-T lane_sum(const Vectorized<T>& a) {
-  T lanes[Vectorized<T>::size()];
-  a.store(lanes);
-  T out = 0;
-  for (int64_t l = 0; l < Vectorized<T>::size(); ++l) out += lanes[l];
-  return out;
-}
 
 // a (K x K) = V V^T, both halves.
 template <typename T, int KP>
@@ -394,7 +386,6 @@ void with_k(int64_t kp, F&& f) {
 template <typename T>
 void class_gram_impl(const at::Tensor& v, int64_t kp, const at::Tensor& gram,
                      const at::Tensor& inv, const at::Tensor& proj, double eps) {
-  using V = Vectorized<T>;
   const int64_t d = v.size(1), m = v.size(0) / kp;
   const T* v_p = v.data_ptr<T>();
   T* g_p = gram.data_ptr<T>();
@@ -422,10 +413,9 @@ template <typename T>
 double finish_impl(const at::Tensor& v, const std::optional<at::Tensor>& gram,
                    const at::Tensor& inv, const at::Tensor& proj, const at::Tensor& vd,
                    int64_t kp, double scale, double weight, double eps, const at::Tensor& du) {
-  using V = Vectorized<T>;
   const int64_t d = v.size(1), m = v.size(0) / kp;
   const T* v_p = v.data_ptr<T>();
-  const T* g_p = ptr_or_null<T>(gram);
+  const T* g_p = data_or_null<T>(gram);
   const T* inv_p = inv.data_ptr<T>();
   const T* proj_p = proj.data_ptr<T>();
   const T* vd_p = vd.data_ptr<T>();
