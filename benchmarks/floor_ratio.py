@@ -8,6 +8,10 @@ after one another, so on a machine whose speed drifts (a shared one, turbo, othe
 loss's ratio to the floor also carries the drift between the two measurements. Here every call
 of the backend is followed by one of the floor, on the same inputs and fresh gradients, and the
 ratio of the medians (and of the minima) is reported with the load average before and after.
+
+``--chunk-budgets 18,19,20`` times the ``"torch"`` backend at each of those chunk budgets (2^b
+elements of s per chunk, ``torch_chunked.DEFAULT_CHUNK_ELEMENTS``) in the same alternation, one
+floor call per round, a row per budget: how the default was chosen.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from mpa_kernels.backends import torch_chunked
+
 from .providers import LOSSES, Case, _backend_provider, _floor_build
 from .runner import environment, results_stem
 from .shapes import SHAPES
@@ -33,23 +39,42 @@ def _time(run) -> float:
     return time.perf_counter() - start
 
 
-def measure(loss: str, shape_name: str, backend: str, repeats: int) -> dict:
+def measure(loss: str, shape_name: str, backend: str, repeats: int,
+            budgets: list[int | None] = (None,)) -> list[dict]:
+    """Rows of backend / floor, one per chunk budget (log2; None: the default as it stands)."""
     case = Case.make(loss, SHAPES[shape_name], torch.float32, torch.device("cpu"))
     ours, floor = _backend_provider(backend).build(case), _floor_build(case)
-    for run in (ours, floor):  # warm-up: first calls build, allocate, fault in pages
-        _time(run)
-    times = {"backend": [], "floor": []}
+    default = torch_chunked.DEFAULT_CHUNK_ELEMENTS
+    times = {b: [] for b in budgets}
+    floor_times = []
+
+    def with_budget(b, run):
+        torch_chunked.DEFAULT_CHUNK_ELEMENTS = default if b is None else 1 << b
+        try:
+            return _time(run)
+        finally:
+            torch_chunked.DEFAULT_CHUNK_ELEMENTS = default
+
+    for b in budgets:  # warm-up: first calls build, allocate, fault in pages
+        with_budget(b, ours)
+    _time(floor)
     load_before = os.getloadavg()[0]
     for _ in range(repeats):
-        times["backend"].append(_time(ours))
-        times["floor"].append(_time(floor))
-    med = {k: statistics.median(v) for k, v in times.items()}
-    low = {k: min(v) for k, v in times.items()}
-    return dict(loss=loss, shape=shape_name, backend=backend, threads=torch.get_num_threads(),
-                repeats=repeats, backend_median_s=med["backend"], floor_median_s=med["floor"],
-                ratio=med["backend"] / med["floor"], backend_min_s=low["backend"],
-                floor_min_s=low["floor"], min_ratio=low["backend"] / low["floor"],
-                load_before=load_before, load_after=os.getloadavg()[0])
+        for b in budgets:
+            times[b].append(with_budget(b, ours))
+        floor_times.append(_time(floor))
+    floor_med, floor_low = statistics.median(floor_times), min(floor_times)
+    rows = []
+    for b, ts in times.items():
+        med, low = statistics.median(ts), min(ts)
+        rows.append(dict(loss=loss, shape=shape_name, backend=backend,
+                         threads=torch.get_num_threads(), repeats=repeats,
+                         chunk_elements=default if b is None else 1 << b,
+                         backend_median_s=med, floor_median_s=floor_med,
+                         ratio=med / floor_med, backend_min_s=low, floor_min_s=floor_low,
+                         min_ratio=low / floor_low, load_before=load_before,
+                         load_after=os.getloadavg()[0]))
+    return rows
 
 
 def main(argv=None) -> int:
@@ -59,26 +84,36 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     parser.add_argument("--backend", default="torch")
     parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--chunk-budgets", default=None,
+                        help="comma-separated log2 chunk budgets of the torch backend to compare")
     parser.add_argument("--out", default="benchmark-results")
     args = parser.parse_args(argv)
+    budgets = [None]
+    if args.chunk_budgets:
+        if args.backend != "torch":
+            parser.error("--chunk-budgets is a setting of the torch backend")
+        budgets = [int(b) for b in args.chunk_budgets.split(",")]
     rows, threads_before = [], torch.get_num_threads()
     try:
         for threads in (int(t) for t in args.threads.split(",")):
             torch.set_num_threads(threads)
             for shape_name in args.shapes.split(","):
                 for loss in args.losses.split(","):
-                    row = measure(loss, shape_name, args.backend, args.repeats)
-                    rows.append(row)
-                    print(f"{threads}t {loss:12s} {shape_name:10s} {args.backend} "
-                          f"{row['backend_median_s'] * 1e3:8.1f} ms  floor "
-                          f"{row['floor_median_s'] * 1e3:8.1f} ms  ratio {row['ratio']:.3f}  "
-                          f"of the minima {row['min_ratio']:.3f}", flush=True)
+                    for row in measure(loss, shape_name, args.backend, args.repeats, budgets):
+                        rows.append(row)
+                        budget = (f" 2^{row['chunk_elements'].bit_length() - 1}"
+                                  if args.chunk_budgets else "")
+                        print(f"{threads}t {loss:12s} {shape_name:10s} {args.backend}{budget} "
+                              f"{row['backend_median_s'] * 1e3:8.1f} ms  floor "
+                              f"{row['floor_median_s'] * 1e3:8.1f} ms  ratio {row['ratio']:.3f}  "
+                              f"of the minima {row['min_ratio']:.3f}", flush=True)
     finally:
         torch.set_num_threads(threads_before)
     env = environment(torch.device("cpu"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{results_stem(env, 'floor-ratio')}.json"
+    kind = "chunk-budgets" if args.chunk_budgets else "floor-ratio"
+    path = out / f"{results_stem(env, kind)}.json"
     path.write_text(json.dumps(dict(environment=env, rows=rows), indent=1))
     print(f"results: {path}")
     return 0

@@ -142,3 +142,24 @@ def test_floor_ratio_alternates_and_writes_its_file(tmp_path):
     for r in rows:
         assert r["ratio"] == pytest.approx(r["backend_median_s"] / r["floor_median_s"])
         assert r["backend_min_s"] <= r["backend_median_s"] and r["floor_min_s"] > 0
+
+
+def test_floor_ratio_compares_chunk_budgets_and_restores_the_default(tmp_path, monkeypatch):
+    from benchmarks import floor_ratio
+    from mpa_kernels.backends import torch_chunked
+
+    default = torch_chunked.DEFAULT_CHUNK_ELEMENTS
+    seen, per_chunk = [], torch_chunked._classes_per_chunk
+    monkeypatch.setattr(torch_chunked, "_classes_per_chunk",
+                        lambda budget, *rest: seen.append(budget) or per_chunk(budget, *rest))
+    assert floor_ratio.main(["--shapes", "tiny", "--losses", "mpa_dw", "--threads", "1",
+                             "--repeats", "2", "--chunk-budgets", "4,6",
+                             "--out", str(tmp_path)]) == 0
+    assert torch_chunked.DEFAULT_CHUNK_ELEMENTS == default
+    (path,) = tmp_path.glob("*-chunk-budgets.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["chunk_elements"] for r in rows] == [16, 64]
+    assert set(seen) == {16, 64}  # the sweeps ran at those budgets
+    assert rows[0]["floor_median_s"] == rows[1]["floor_median_s"]  # one floor per round
+    with pytest.raises(SystemExit):
+        floor_ratio.main(["--backend", "reference", "--chunk-budgets", "4"])

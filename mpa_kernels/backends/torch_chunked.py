@@ -88,12 +88,14 @@ from mpa_kernels.backends import _native
 
 LOW_PRECISION = False
 
-# Elements of one chunk of s (N x classes x K). Chunks that stay near the L2 cache make the chunked
-# GEMMs faster than the whole N x C*K ones; with fewer, larger chunks the per-op overhead of the
-# elementwise work falls. Measured side by side (one thread, the CUB, SOP and N=180, C=11318, K=10
-# shapes): 2^18 was as fast as or faster than 2^17 everywhere (by up to 5% for the row-wise
-# losses) and than 2^19 at the SOP shapes. Read at call time, so tests can lower it.
-DEFAULT_CHUNK_ELEMENTS = 1 << 18
+# Elements of one chunk of s (N x classes x K). The chunked GEMMs run as fast as the whole
+# N x C*K ones from about a thousand proxy rows a chunk on; with fewer, larger chunks the fixed cost
+# of a chunk (a dozen calls and their Python) falls. With the native loops, measured against the
+# floor in one process at 2^17..2^20 (one thread, all six losses at the CUB, SOP and N=180,
+# C=11318, K=10 shapes), 2^20 was the fastest or within the noise of it everywhere: 2-8% faster
+# than 2^18 at the SOP shapes and at N=180, C=11318, K=10, where 2^21 was slower again. Read at
+# call time, so tests can lower it.
+DEFAULT_CHUNK_ELEMENTS = 1 << 20
 
 # What a row-wise loss keeps of one block of rows between its two visits of the classes (J, the
 # logits and 1/Z of every class); read at call time, like the chunk budget.
@@ -426,9 +428,13 @@ class _Proxies:
         if self.inv is not None:
             inv, proj = self.inv[start * kp:stop * kp], self.proj[start * kp:stop * kp]
             with_gram = with_gram and bool(self.problem.tau)
-            if with_gram and self.native is not None:
-                gram = gram_out if gram_out is not None else v.new_empty(stop - start, kp, kp)
-                self.native.class_gram(v, kp, gram, inv, proj, _NORM_EPS)
+            if self.native is not None and (with_gram or stop * kp > self.normed):
+                # The Gram matrices where the regulariser wants them, else each row's norm alone
+                # (the Gram matrix of a class of one row): with the norms, in one pass.
+                size = (stop - start, kp, kp) if with_gram else (v.shape[0], 1, 1)
+                out = gram_out if with_gram and gram_out is not None else v.new_empty(size)
+                self.native.class_gram(v, size[1], out, inv, proj, _NORM_EPS)
+                gram = out if with_gram else None
                 self.normed = max(self.normed, stop * kp)
             elif with_gram:
                 gram = _gram(v.view(stop - start, kp, -1), gram_out)
