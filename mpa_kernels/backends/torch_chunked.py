@@ -91,10 +91,11 @@ LOW_PRECISION = False
 # Elements of one chunk of s (N x classes x K). The chunked GEMMs run as fast as the whole
 # N x C*K ones from about a thousand proxy rows a chunk on; with fewer, larger chunks the fixed cost
 # of a chunk (a dozen calls and their Python) falls. With the native loops, measured against the
-# floor in one process at 2^17..2^20 (one thread, all six losses at the CUB, SOP and N=180,
-# C=11318, K=10 shapes), 2^20 was the fastest or within the noise of it everywhere: 2-8% faster
-# than 2^18 at the SOP shapes and at N=180, C=11318, K=10, where 2^21 was slower again. Read at
-# call time, so tests can lower it.
+# floor in one alternation at 2^17..2^21 (one thread, all six losses at the CUB, SOP and N=180,
+# C=11318, K=10 shapes), 2^20 took 0.85-0.96x the time of 2^18 at SOP N=32, 0.94-1.00x at N=256
+# and 0.94-1.04x at the last shape (the noise there: CUB, one chunk at every budget, read
+# 0.91-1.02x); 2^21 was faster at N=32 only, slower at the last shape, with twice the buffers.
+# Read at call time, so tests can lower it.
 DEFAULT_CHUNK_ELEMENTS = 1 << 20
 
 # What a row-wise loss keeps of one block of rows between its two visits of the classes (J, the
