@@ -720,7 +720,10 @@ def _positive_similarity(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor,
     w_pos = w_pos.view(-1, kp, d)
     if problem.averaged:
         w_pos = w_pos.mean(1, keepdim=True)
-    t = torch.bmm(w_pos, (x * reduction.x_scale).unsqueeze(-1)).view(x.shape[0], 1, problem.k)
+    # The product in place (w_pos is this function's own gather) and a sum, not bmm, whose N
+    # products of K x d by d x 1 cost ~1 us each: at N=180, d=512 0.03 against 0.23 ms for K = 1
+    # (a tenth of the call at the CUB shape), 0.39 against 0.43 ms for K = 10.
+    t = w_pos.mul_((x * reduction.x_scale).unsqueeze(1)).sum(-1).view(x.shape[0], 1, problem.k)
     s, _ = reduction.forward(t, torch.empty_like(t))
     return s.reshape(-1)
 
