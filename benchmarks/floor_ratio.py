@@ -40,16 +40,17 @@ def _time(run) -> float:
 
 
 def measure(loss: str, shape_name: str, backend: str, repeats: int,
-            budgets: list[int | None] = (None,)) -> list[dict]:
+            budgets: tuple[int | None, ...] = (None,)) -> list[dict]:
     """Rows of backend / floor, one per chunk budget (log2; None: the default as it stands)."""
     case = Case.make(loss, SHAPES[shape_name], torch.float32, torch.device("cpu"))
     ours, floor = _backend_provider(backend).build(case), _floor_build(case)
     default = torch_chunked.DEFAULT_CHUNK_ELEMENTS
+    elements = {b: default if b is None else 1 << b for b in budgets}
     times = {b: [] for b in budgets}
     floor_times = []
 
     def with_budget(b, run):
-        torch_chunked.DEFAULT_CHUNK_ELEMENTS = default if b is None else 1 << b
+        torch_chunked.DEFAULT_CHUNK_ELEMENTS = elements[b]
         try:
             return _time(run)
         finally:
@@ -69,7 +70,7 @@ def measure(loss: str, shape_name: str, backend: str, repeats: int,
         med, low = statistics.median(ts), min(ts)
         rows.append(dict(loss=loss, shape=shape_name, backend=backend,
                          threads=torch.get_num_threads(), repeats=repeats,
-                         chunk_elements=default if b is None else 1 << b,
+                         chunk_elements=elements[b],
                          backend_median_s=med, floor_median_s=floor_med,
                          ratio=med / floor_med, backend_min_s=low, floor_min_s=floor_low,
                          min_ratio=low / floor_low, load_before=load_before,
@@ -88,11 +89,11 @@ def main(argv=None) -> int:
                         help="comma-separated log2 chunk budgets of the torch backend to compare")
     parser.add_argument("--out", default="benchmark-results")
     args = parser.parse_args(argv)
-    budgets = [None]
+    budgets = (None,)
     if args.chunk_budgets:
         if args.backend != "torch":
             parser.error("--chunk-budgets is a setting of the torch backend")
-        budgets = [int(b) for b in args.chunk_budgets.split(",")]
+        budgets = tuple(int(b) for b in args.chunk_budgets.split(","))
     rows, threads_before = [], torch.get_num_threads()
     try:
         for threads in (int(t) for t in args.threads.split(",")):
