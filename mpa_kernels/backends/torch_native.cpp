@@ -4,9 +4,10 @@
 // similarities (n x m classes x k proxies), each an ATen op of its own that reads and writes the
 // whole chunk and costs a dispatch. Here the same arithmetic is one pass per visit:
 //
-//   visit_forward:  the GEMM's output -> J = Z dS/ds (in place or beside it), the negative logits
-//                   z = alpha (S + delta) with -inf at each row's positive, 1/Z, and for the
-//                   row-wise family the rows' online log-sum-exp over the chunks seen so far.
+//   visit_forward:  the GEMM's output -> J = Z dS/ds (in place or beside it; none where S is s
+//                   itself), the negative logits z = alpha (S + delta) with -inf at each row's
+//                   positive, 1/Z, and for the row-wise family the rows' online log-sum-exp
+//                   over the chunks seen so far.
 //   column_lse:     a class's log-sum-exp over the rows with a zero logit (the column-wise family).
 //   chunk_gradient: dL/dS = exp(z - a_i - b_c) r_i q_c at the negatives and the given value at
 //                   each row's positive, then ds = J dL/dS / Z scaled by the proxies' inverse
@@ -76,14 +77,20 @@ T max_of(const T* a, int64_t n, T init) {
   return out;
 }
 
+// sum of exp(a[0, n) - shift), in one vectorised pass.
 template <typename T>
-T sum_of(const T* a, int64_t n) {
+T sum_exp_shifted(const T* a, int64_t n, T shift) {
   using V = Vectorized<T>;
+  const V vs(shift);
   V acc(T(0));
   int64_t i = 0;
-  for (; i + V::size() <= n; i += V::size()) acc = acc + V::loadu(a + i);
+  for (; i + V::size() <= n; i += V::size()) acc = acc + (V::loadu(a + i) - vs).exp();
   T out = lane_sum(acc);
-  for (; i < n; ++i) out += a[i];
+  if (i < n) {
+    T tail[V::size()];
+    (V::loadu(a + i, n - i) - vs).exp().store(tail, n - i);
+    for (int64_t l = 0; l < n - i; ++l) out += tail[l];
+  }
   return out;
 }
 
@@ -155,31 +162,41 @@ void visit_forward_impl(const at::Tensor& raw, const std::optional<at::Tensor>& 
   const T g = static_cast<T>(gamma);
   const T neg_inf = -std::numeric_limits<T>::infinity();
   at::parallel_for(0, n, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<T> e(mode == kSoftmax ? mk : 0), s(m), iz(iz_p ? 0 : m);
+    std::vector<T> e(mode == kSoftmax ? mk : 0), s(mode == kIdentity ? 0 : m), iz(iz_p ? 0 : m);
+    const V va(a), vad(ad);
     for (int64_t i = lo; i < hi; ++i) {
       const T* r = raw_p + i * mk;
-      T* t = j_p + i * mk;
-      if (scale_p) {
-        int64_t p = 0;
-        for (; p + V::size() <= mk; p += V::size())
-          (V::loadu(r + p) * V::loadu(scale_p + p)).store(t + p);
-        for (; p < mk; ++p) t[p] = r[p] * scale_p[p];
-      } else if (t != r) {
-        std::copy(r, r + mk, t);
-      }
-      T* izr = iz_p ? iz_p + i * m : iz.data();
-      reduce_row(t, e.data(), s.data(), izr, m, k, mode, g, shift);
       T* z = z_p + i * m;
-      for (int64_t c = 0; c < m; ++c) z[c] = a * s[c] + ad;  // alpha (S + delta)
+      if (mode == kIdentity) {
+        // S is the scaled output itself and J is not needed: the logits alpha (S + delta) in
+        // one pass, without writing S anywhere.
+        for (int64_t c = 0; c < m; c += V::size()) {
+          const int64_t l = std::min<int64_t>(V::size(), m - c);
+          V sv = V::loadu(r + c, l);
+          if (scale_p) sv = sv * V::loadu(scale_p + c, l);
+          (sv * va + vad).store(z + c, l);
+        }
+      } else {
+        T* t = j_p + i * mk;
+        if (scale_p) {
+          int64_t p = 0;
+          for (; p + V::size() <= mk; p += V::size())
+            (V::loadu(r + p) * V::loadu(scale_p + p)).store(t + p);
+          for (; p < mk; ++p) t[p] = r[p] * scale_p[p];
+        } else if (t != r) {
+          std::copy(r, r + mk, t);
+        }
+        T* izr = iz_p ? iz_p + i * m : iz.data();
+        reduce_row(t, e.data(), s.data(), izr, m, k, mode, g, shift);
+        for (int64_t c = 0; c < m; ++c) z[c] = a * s[c] + ad;  // alpha (S + delta)
+      }
       const int64_t pos = lab_p[i] - start;
       if (pos >= 0 && pos < m) z[pos] = neg_inf;
       if (rmax_p) {
         // The running max starts at the dtype's lowest finite number, never -inf, so that
         // exp(-inf - max) is 0 for a row without a logit yet.
         const T top = max_of(z, m, rmax_p[i]);
-        for (int64_t c = 0; c < m; ++c) s[c] = z[c] - top;
-        exp_into(s.data(), s.data(), m);
-        rsum_p[i] = rsum_p[i] * std::exp(rmax_p[i] - top) + sum_of(s.data(), m);
+        rsum_p[i] = rsum_p[i] * std::exp(rmax_p[i] - top) + sum_exp_shifted(z, m, top);
         rmax_p[i] = top;
       }
     }
@@ -273,19 +290,15 @@ void chunk_gradient_impl(const at::Tensor& z, const std::optional<at::Tensor>& j
       }
       T* ds = ds_p + i * mk;
       const T* jr = j_p ? j_p + i * mk : nullptr;
+      // ds and its share of the projection's dot in the same pass, while ds is in registers.
+      const T* rr = vd_p ? raw_p + i * mk : nullptr;
       for (int64_t p = 0; p < mk; p += V::size()) {
         const int64_t l = std::min<int64_t>(V::size(), mk - p);
         V a = V::loadu(g + p, l);
         if (jr) a = a * V::loadu(jr + p, l);
         if (scale_p) a = a * V::loadu(scale_p + p, l);
         a.store(ds + p, l);
-      }
-      if (vd_p) {
-        const T* rr = raw_p + i * mk;
-        int64_t p = 0;
-        for (; p + V::size() <= mk; p += V::size())
-          (V::loadu(vd.data() + p) + V::loadu(rr + p) * V::loadu(ds + p)).store(vd.data() + p);
-        for (; p < mk; ++p) vd[p] += rr[p] * ds[p];
+        if (rr) (V::loadu(vd.data() + p, l) + V::loadu(rr + p, l) * a).store(vd.data() + p, l);
       }
     }
     if (vd_p) {
