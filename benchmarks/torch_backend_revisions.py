@@ -8,7 +8,9 @@ off (the eager ops that run where they cannot be built).
 
 The other revision's ``mpa_kernels/backends/torch_chunked.py`` is loaded as a stand-alone module
 (its entry point ``proxy_loss(x_hat, proxies, labels, spec, tau)`` has kept its signature), so
-both run against this checkout's front end, spec and normalisation. The calls alternate, so load
+both run against this checkout's front end, spec and normalisation; where the revision has native
+loops, its own ``torch_native.cpp`` is built for it (once, about half a minute, under a name of
+its own), so that a change to the loops is compared too. The calls alternate, so load
 on a shared machine affects both alike. Medians and minima are both reported: where a call is tens
 of milliseconds, whether the allocator hands back memory already touched or fresh pages (each a
 page fault; the proxies' gradient is a fresh tensor every call) can move a median by 20 % either
@@ -18,6 +20,7 @@ way, and the minimum, over the calls that got touched memory, is the steadier co
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
@@ -31,7 +34,7 @@ from pathlib import Path
 import torch
 
 from mpa_kernels._spec import LossSpec
-from mpa_kernels.backends import torch_chunked
+from mpa_kernels.backends import _native, torch_chunked
 from mpa_kernels.functional import unit_rows
 
 from .shapes import SHAPES
@@ -39,15 +42,45 @@ from .shapes import SHAPES
 LOSSES = ("mpa", "mpa_dw", "mpa_ap", "soft_triple", "proxy_anchor", "proxy_nca")
 
 
+def _show(rev: str, path: str) -> str | None:
+    """The file at that revision, or None where it did not exist."""
+    shown = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True)
+    return shown.stdout if shown.returncode == 0 else None
+
+
+class _NativeAt:
+    """The ``_native`` that a revision's backend calls: that revision's native loops, built under a
+    name of their own, or None (its eager ops) where they cannot be built."""
+
+    def __init__(self, source: str, folder: Path) -> None:
+        path = folder / "torch_native.cpp"
+        path.write_text(source)
+        tag = "_" + hashlib.sha1(source.encode()).hexdigest()[:10]
+        try:
+            self._module = _native.build(path, tag)
+        except Exception as error:  # no compiler, a failed build: as the revision would run
+            print(f"the revision's native loops could not be built ({error}); it runs eager")
+            self._module = None
+
+    def module(self):
+        return self._module
+
+
 def _module_at(rev: str):
-    source = subprocess.run(["git", "show", f"{rev}:mpa_kernels/backends/torch_chunked.py"],
-                            check=True, capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp()) / "torch_chunked_at_rev.py"
-    path.write_text(source)
+    """The revision's torch_chunked.py as a stand-alone module, with its own native loops: an
+    import of this checkout's would compare the same loops twice, or call them with the
+    revision's arguments."""
+    folder = Path(tempfile.mkdtemp())
+    path = folder / "torch_chunked_at_rev.py"
+    path.write_text(_show(rev, "mpa_kernels/backends/torch_chunked.py"))
     spec = importlib.util.spec_from_file_location("torch_chunked_at_rev", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
+    native = _show(rev, "mpa_kernels/backends/torch_native.cpp")
+    if (native is not None and hasattr(module, "_native")
+            and native != _native._SOURCE.read_text()):
+        module._native = _NativeAt(native, folder)  # read at call time, by _native_ops
     return module
 
 

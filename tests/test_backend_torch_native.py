@@ -78,7 +78,7 @@ def fresh_loader(monkeypatch):
 
 def test_switched_off_by_the_environment(fresh_loader, monkeypatch):
     monkeypatch.setenv("MPA_KERNELS_NATIVE", "0")
-    monkeypatch.setattr(_native, "_build", lambda: pytest.fail("must not build"))
+    monkeypatch.setattr(_native, "build", lambda: pytest.fail("must not build"))
     assert _native.module() is None
     assert _native.status() == "eager: switched off by MPA_KERNELS_NATIVE=0"
 
@@ -88,7 +88,7 @@ def test_a_failed_build_warns_once_and_falls_back(fresh_loader, monkeypatch):
         raise RuntimeError("Ninja is required to load C++ extensions")
 
     monkeypatch.delenv("MPA_KERNELS_NATIVE", raising=False)
-    monkeypatch.setattr(_native, "_build", fail)
+    monkeypatch.setattr(_native, "build", fail)
     monkeypatch.setattr(torch_chunked, "NATIVE", True)
     x = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4 * 3, 8, dtype=torch.float64, requires_grad=True)

@@ -5,6 +5,7 @@ alone (``--predict``) are written as markdown and JSON."""
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,6 +113,34 @@ def test_torch_backend_against_a_revision(tmp_path):
     rows = json.loads(path.read_text())["rows"]
     assert [(r["loss"], r["shape"]) for r in rows] == [("mpa", "tiny"), ("mpa_dw", "tiny")]
     assert all(r["before_s"] > 0 and r["after_s"] > 0 for r in rows)
+
+
+def test_a_revision_runs_its_own_native_loops(monkeypatch):
+    """Another revision's backend is bound to that revision's torch_native.cpp, built under a name
+    of its own (not this checkout's loops, which would compare the same code twice or take
+    another revision's arguments); where the file is this checkout's, nothing is built."""
+    from benchmarks import torch_backend_revisions as revisions
+    from mpa_kernels.backends import _native
+
+    ours = _native._SOURCE.read_text()
+    changed = ours + "\n// another revision\n"
+    files = {"mpa_kernels/backends/torch_chunked.py":
+             (Path(_native.__file__).parent / "torch_chunked.py").read_text()}
+    monkeypatch.setattr(revisions, "_show", lambda rev, path: files.get(path))
+    built = []
+
+    def build(source, tag):
+        built.append((source.read_text(), tag))
+        return "the revision's extension"
+
+    monkeypatch.setattr(_native, "build", build)
+    files["mpa_kernels/backends/torch_native.cpp"] = changed
+    module = revisions._module_at("some-revision")
+    assert module._native.module() == "the revision's extension"
+    assert built[0][0] == changed and built[0][1]  # a tag of its own
+    files["mpa_kernels/backends/torch_native.cpp"] = ours
+    assert revisions._module_at("HEAD")._native is _native
+    assert len(built) == 1
 
 
 def test_torch_backend_against_its_eager_ops(tmp_path):

@@ -48,7 +48,9 @@ def _capability() -> str:
         return "DEFAULT"
 
 
-def _build() -> ModuleType:
+def build(source: Path = _SOURCE, tag: str = "") -> ModuleType:
+    """The extension compiled from ``source`` (this package's loops unless told otherwise; a
+    benchmark builds another revision's with a ``tag`` of its own, so that both can be loaded)."""
     from torch.utils import cpp_extension
 
     capability = _capability()
@@ -60,8 +62,8 @@ def _build() -> ModuleType:
         flags.append("-fopenmp")
     _log.info("building the torch backend's native loops for %s (once, about half a minute)",
               capability)
-    return cpp_extension.load(name=f"mpa_kernels_native_{capability.lower()}",
-                              sources=[str(_SOURCE)], extra_cflags=flags, verbose=False)
+    return cpp_extension.load(name=f"mpa_kernels_native{tag}_{capability.lower()}",
+                              sources=[str(source)], extra_cflags=flags, verbose=False)
 
 
 def module() -> ModuleType | None:
@@ -76,7 +78,7 @@ def module() -> ModuleType | None:
             _reason = "switched off by MPA_KERNELS_NATIVE=0"
         else:
             try:
-                _module = _build()
+                _module = build()
             except Exception as error:  # a missing compiler or ninja, a failed build: eager ops
                 _reason = f"could not be built ({type(error).__name__}: {error})".strip()
                 warnings.warn(
