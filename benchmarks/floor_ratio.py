@@ -9,6 +9,12 @@ loss's ratio to the floor also carries the drift between the two measurements. H
 of the backend is followed by one of the floor, on the same inputs and fresh gradients, and the
 ratio of the medians (and of the minima) is reported with the load average before and after.
 
+The floor's outputs are fresh tensors, as autograd's are, and the first write of fresh memory
+faults its pages in (a sixth of the floor at N=180, C=11,318, K=10 here). Each round also times
+the same GEMMs into outputs allocated beforehand, the GEMMs alone: the backend's ratio to that
+(``ratio_preallocated``) leaves out what it saves by keeping its gradient buffers mapped between
+calls.
+
 ``--chunk-budgets 18,19,20`` times the ``"torch"`` backend at each of those chunk budgets (2^b
 elements of s per chunk, ``torch_chunked.DEFAULT_CHUNK_ELEMENTS``) in the same alternation, one
 floor call per round, a row per budget: how the default was chosen.
@@ -44,6 +50,7 @@ def measure(loss: str, shape_name: str, backend: str, repeats: int,
     """Rows of backend / floor, one per chunk budget (log2; None: the default as it stands)."""
     case = Case.make(loss, SHAPES[shape_name], torch.float32, torch.device("cpu"))
     ours, floor = _backend_provider(backend).build(case), _floor_build(case)
+    floor_warm = _floor_build(case, preallocated=True)
     default = torch_chunked.DEFAULT_CHUNK_ELEMENTS
     elements = {b: default if b is None else 1 << b for b in budgets}
     times = {b: [] for b in budgets}
@@ -59,12 +66,16 @@ def measure(loss: str, shape_name: str, backend: str, repeats: int,
     for b in budgets:  # warm-up: first calls build, allocate, fault in pages
         with_budget(b, ours)
     _time(floor)
+    _time(floor_warm)
+    warm_times = []
     load_before = os.getloadavg()[0]
     for _ in range(repeats):
         for b in budgets:
             times[b].append(with_budget(b, ours))
         floor_times.append(_time(floor))
+        warm_times.append(_time(floor_warm))
     floor_med, floor_low = statistics.median(floor_times), min(floor_times)
+    warm_med = statistics.median(warm_times)
     rows = []
     for b, ts in times.items():
         med, low = statistics.median(ts), min(ts)
@@ -73,7 +84,8 @@ def measure(loss: str, shape_name: str, backend: str, repeats: int,
                          chunk_elements=elements[b],
                          backend_median_s=med, floor_median_s=floor_med,
                          ratio=med / floor_med, backend_min_s=low, floor_min_s=floor_low,
-                         min_ratio=low / floor_low, load_before=load_before,
+                         min_ratio=low / floor_low, floor_preallocated_median_s=warm_med,
+                         ratio_preallocated=med / warm_med, load_before=load_before,
                          load_after=os.getloadavg()[0]))
     return rows
 
@@ -107,7 +119,8 @@ def main(argv=None) -> int:
                         print(f"{threads}t {loss:12s} {shape_name:10s} {args.backend}{budget} "
                               f"{row['backend_median_s'] * 1e3:8.1f} ms  floor "
                               f"{row['floor_median_s'] * 1e3:8.1f} ms  ratio {row['ratio']:.3f}  "
-                              f"of the minima {row['min_ratio']:.3f}", flush=True)
+                              f"of the minima {row['min_ratio']:.3f}  to the GEMMs alone "
+                              f"{row['ratio_preallocated']:.3f}", flush=True)
     finally:
         torch.set_num_threads(threads_before)
     env = environment(torch.device("cpu"))

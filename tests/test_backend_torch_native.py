@@ -117,3 +117,74 @@ def test_gram_matrices_kept_in_the_gradient_are_read_before_it_is_written(loss, 
     got, want = (_value_and_grads(LOSSES[loss], x, labels, w, backend, proxies_per_class=3)
                  for backend in ("torch", "reference"))
     _assert_matches(got, want, 1e-10)
+
+
+def _needs_native():
+    if _native.module() is None:
+        pytest.skip(f"the native loops are not available here: {_native.status()}")
+
+
+def _mpa_step(x, labels, w, scale=1.0):
+    (MF.mpa_loss(x, labels, w, proxies_per_class=4, backend="torch") * scale).backward()
+
+
+def _big_inputs():
+    """Proxies of 1 MiB and more, whose gradient comes from the kept buffers."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(24, 512, generator=gen, dtype=torch.float64).requires_grad_()
+    w = torch.randn(64 * 4, 512, generator=gen, dtype=torch.float64).requires_grad_()
+    labels = torch.randint(0, 64, (24,), generator=gen)
+    return x, labels, w
+
+
+def test_the_gradient_buffer_is_kept_for_the_next_call_and_released():
+    """Once the proxies' gradient is freed (zero_grad), the next call's gradient is the same
+    memory, with the same values as a fresh buffer gives; release_buffers frees what is kept."""
+    _needs_native()
+    torch_chunked.release_buffers()
+    x, labels, w = _big_inputs()
+    _mpa_step(x, labels, w)
+    first, ptr = w.grad.clone(), w.grad.data_ptr()
+    w.grad = x.grad = None
+    assert _native.module().kept_buffer_bytes() == w.numel() * w.element_size()
+    _mpa_step(x, labels, w)
+    assert w.grad.data_ptr() == ptr and _native.module().kept_buffer_bytes() == 0
+    torch.testing.assert_close(w.grad, first, rtol=0, atol=0)
+    w.grad = None
+    assert torch_chunked.release_buffers() == w.numel() * w.element_size()
+    assert _native.module().kept_buffer_bytes() == 0
+
+
+def test_a_gradient_still_held_is_not_reused(monkeypatch):
+    """A gradient the caller still holds (accumulation over steps, a reference kept) is never the
+    next call's buffer: accumulating two steps gives twice one step's gradient, and the held
+    tensor keeps its values."""
+    _needs_native()
+    x, labels, w = _big_inputs()
+    _mpa_step(x, labels, w)
+    held = w.grad
+    snapshot = held.clone()
+    _mpa_step(x, labels, w)  # accumulates into w.grad, which is held
+    torch.testing.assert_close(w.grad, 2 * snapshot)
+    w.grad = None
+    _mpa_step(x, labels, w)
+    assert w.grad.data_ptr() != held.data_ptr()
+    torch.testing.assert_close(held, 2 * snapshot)
+    monkeypatch.setattr(torch_chunked, "REUSE_GRADIENT_BUFFERS", False)
+    fresh = w.grad.clone()
+    w.grad = None
+    _mpa_step(x, labels, w)
+    torch.testing.assert_close(w.grad, fresh, rtol=0, atol=0)
+
+
+def test_a_scaled_loss_backward_twice_keeps_its_saved_gradient():
+    """With a grad_output other than 1 the gradient is scaled into a buffer of its own, so that a
+    second backward of the same graph (retain_graph) scales the saved one again, not its product."""
+    _needs_native()
+    x, labels, w = _big_inputs()
+    loss = MF.mpa_loss(x, labels, w, proxies_per_class=4, backend="torch") * 3.0
+    loss.backward(retain_graph=True)
+    once = w.grad.clone()
+    w.grad = None
+    loss.backward()
+    torch.testing.assert_close(w.grad, once, rtol=0, atol=0)

@@ -69,6 +69,9 @@ proxies (``chunk_elements / N * K / k * d`` elements, k the GEMMs' rows per clas
 chunk similarity-level tensors; ``O(N + C*K)`` vectors; and, for the row-wise family's mean with
 gradients where the proxies' gradient cannot hold it, at most ``ROW_BLOCK_BYTES`` (48 MiB) kept
 between a block's two visits. Nothing of the proxies' size, and nothing of size C*K*K, is formed.
+The proxies' gradient itself comes, with the native loops, from buffers kept for the next call
+(:func:`_gradient_buffer`): between calls, up to two freed gradients of each size stay mapped
+until :func:`release_buffers`.
 """
 
 from __future__ import annotations
@@ -117,6 +120,30 @@ def _native_ops(x: torch.Tensor):
     if not NATIVE or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return None
     return _native.module()
+
+
+# The proxies' gradient from buffers that the native loops keep for the next call (see
+# torch_native.cpp, "Buffers kept for the next call"): its memory stays mapped between calls, and
+# its first write costs no page faults. Read at call time, so tests can switch.
+REUSE_GRADIENT_BUFFERS = True
+# Smaller buffers come from memory the allocator has mapped already, more often than not.
+_REUSE_MIN_BYTES = 1 << 20
+
+
+def _gradient_buffer(like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised contiguous tensor of like's shape and dtype, for the proxies' gradient."""
+    native = _native_ops(like) if REUSE_GRADIENT_BUFFERS else None
+    if native is None or like.numel() * like.element_size() < _REUSE_MIN_BYTES:
+        return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    return native.reused_empty(list(like.shape), like)
+
+
+def release_buffers() -> int:
+    """Frees the proxies' gradient buffers kept for later calls (their memory is otherwise held
+    until the process ends: two buffers of each size the backend has returned); returns their
+    bytes."""
+    native = _native.module()
+    return native.release_buffers() if native is not None else 0
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -1042,7 +1069,7 @@ class _ChunkedProxyLoss(torch.autograd.Function):
         if want_dx or want_dw:
             # Contiguous whatever the inputs' layouts: the chunks' gradients are views of these.
             dx = torch.zeros(x.shape, dtype=x.dtype, device=x.device) if want_dx else None
-            dw = torch.empty(w.shape, dtype=w.dtype, device=w.device) if want_dw else None
+            dw = _gradient_buffer(w) if want_dw else None
             grads = _Grads(dx, dw, _mean_upstream(problem, labels, x), problem.tau)
         terms, _, regularizer = _family(problem)(
             x, w, labels, problem, reduction, chunk_elements, grads)
@@ -1055,9 +1082,9 @@ class _ChunkedProxyLoss(torch.autograd.Function):
         _refuse_double_backward()
         dx, dw = ctx.saved_tensors
         scale = float(grad_output)
-        if scale != 1.0:
+        if scale != 1.0:  # out of place: a second backward (retain_graph) scales the saved ones
             dx = dx * scale if dx is not None else None
-            dw = dw * scale if dw is not None else None
+            dw = torch.mul(dw, scale, out=_gradient_buffer(dw)) if dw is not None else None
         return dx, dw, None, None, None, None, None
 
 
@@ -1082,7 +1109,7 @@ class _ChunkedTerms(torch.autograd.Function):
         problem = ctx.problem
         want_dx, want_dw = ctx.needs_input_grad[:2]
         dx = torch.zeros(x.shape, dtype=x.dtype, device=x.device) if want_dx else None
-        dw = torch.empty(w.shape, dtype=w.dtype, device=w.device) if want_dw else None
+        dw = _gradient_buffer(w) if want_dw else None
         if problem.column_wise:
             upstream = (g_terms[0], g_terms[1])
         else:
