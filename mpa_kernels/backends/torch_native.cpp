@@ -624,6 +624,7 @@ class BufferPool {
       }
     }
     if (data == nullptr) data = c10::alloc_cpu(bytes);
+    report(data, static_cast<int64_t>(bytes));
     return at::from_blob(data, sizes, [this, bytes](void* p) { give_back(p, bytes); },
                          at::TensorOptions().dtype(dtype).device(at::kCPU));
   }
@@ -647,7 +648,23 @@ class BufferPool {
  private:
   static constexpr size_t kKeepPerSize = 2;
 
+  // The tensors' bytes, as torch's CPU allocator reports its own to the profiler, so that memory
+  // measured through it (profile_memory=True) counts a buffer while a tensor holds it, and not
+  // while it is kept here.
+  void report(void* p, int64_t bytes) {
+    int64_t in_use, reserved;
+    {
+      std::lock_guard<std::mutex> guard(mutex_);
+      in_use_bytes_ += bytes;
+      in_use = in_use_bytes_;
+      reserved = in_use_bytes_ + cached_bytes_;
+    }
+    if (c10::memoryProfilingEnabled())
+      c10::reportMemoryUsageToProfiler(p, bytes, in_use, reserved, c10::Device(c10::kCPU));
+  }
+
   void give_back(void* p, size_t bytes) {
+    report(p, -static_cast<int64_t>(bytes));
     std::lock_guard<std::mutex> guard(mutex_);
     auto& list = free_[bytes];
     if (list.size() < kKeepPerSize) {
@@ -661,6 +678,7 @@ class BufferPool {
   std::mutex mutex_;
   std::unordered_map<size_t, std::vector<void*>> free_;
   int64_t cached_bytes_ = 0;
+  int64_t in_use_bytes_ = 0;
 };
 
 // An uninitialised CPU tensor of these sizes, with the dtype of like, from the kept buffers.
