@@ -208,3 +208,28 @@ def test_memory_measured_through_the_profiler_counts_a_kept_gradient_buffer():
         _, peak = peak_bytes(forward, torch.Tensor.backward, torch.device("cpu"))
         assert peak >= gradient
     assert w.grad is not None
+
+
+def test_kept_buffers_are_bounded_and_serve_smaller_gradients():
+    """Gradients of varying sizes (proxies sampled afresh every step) keep at most the two largest
+    blocks, and a gradient of half a kept block's size or more reuses it."""
+    _needs_native()
+    torch_chunked.release_buffers()
+    sizes = [(n, 512) for n in (600, 900, 700, 1200, 800, 1000)]  # 1.2-2.4 MiB in fp32
+    for size in sizes:
+        buffer = torch_chunked._gradient_buffer(torch.empty(size))
+        assert buffer.shape == size and buffer.is_contiguous()
+        del buffer
+    bytes_of = [n * 512 * 4 for n, _ in sizes]
+    # 700 reused the 900 block, 800 and 1000 the 900 and 1200 ones: two blocks are kept.
+    kept = _native.module().kept_buffer_bytes()
+    assert kept == (900 + 1200) * 512 * 4 and kept <= 2 * max(bytes_of)
+    largest = torch_chunked._gradient_buffer(torch.empty(1200, 512))
+    ptr = largest.data_ptr()
+    del largest
+    smaller = torch_chunked._gradient_buffer(torch.empty(1100, 512))  # only 1200 serves it
+    assert smaller.data_ptr() == ptr
+    smaller.fill_(2.0)
+    assert float(smaller.sum()) == 2.0 * 1100 * 512
+    del smaller
+    assert torch_chunked.release_buffers() == kept

@@ -70,7 +70,7 @@ chunk similarity-level tensors; ``O(N + C*K)`` vectors; and, for the row-wise fa
 gradients where the proxies' gradient cannot hold it, at most ``ROW_BLOCK_BYTES`` (48 MiB) kept
 between a block's two visits. Nothing of the proxies' size, and nothing of size C*K*K, is formed.
 The proxies' gradient itself comes, with the native loops, from buffers kept for the next call
-(:func:`_gradient_buffer`): between calls, up to two freed gradients of each size stay mapped
+(:func:`_gradient_buffer`): between calls, the two largest freed gradients' memory stays mapped
 until :func:`release_buffers`.
 """
 
@@ -139,9 +139,8 @@ def _gradient_buffer(like: torch.Tensor) -> torch.Tensor:
 
 
 def release_buffers() -> int:
-    """Frees the proxies' gradient buffers kept for later calls (their memory is otherwise held
-    until the process ends: two buffers of each size the backend has returned); returns their
-    bytes."""
+    """Frees the proxies' gradient buffers kept for later calls (otherwise held until the process
+    ends: the two largest the backend has returned and got back); returns their bytes."""
     native = _native.module()
     return native.release_buffers() if native is not None else 0
 

@@ -29,7 +29,6 @@
 #include <limits>
 #include <mutex>
 #include <type_traits>
-#include <unordered_map>
 #include <utility>
 #include <optional>
 #include <vector>
@@ -597,10 +596,11 @@ double finish(const at::Tensor& v, const std::optional<at::Tensor>& gram, const 
 // K = 10, d = 512), and fresh memory is mapped on its first write, page by page: each 4 KiB page
 // is a fault into the kernel, which zeroes it. On the machines this backend was measured on that
 // is ~2.5 us a page, a sixth of a forward + backward at that shape. A buffer from here is an
-// ordinary tensor whose memory, when its last user frees it (the optimiser's zero_grad, say),
-// goes back to a free list instead of to the system, and the next call's buffer of the same size
-// is that memory, mapped already. At most kKeepPerSize free buffers of one size are kept;
-// release_buffers() frees them all.
+// ordinary tensor whose memory, when its last user frees it (the optimiser's zero_grad, say), is
+// kept instead of going back to the system, and the next call's buffer is that memory, mapped
+// already: a kept block of at least the size asked for and at most twice it (proxies sampled
+// afresh every step vary in number). At most kKeep blocks are kept, the largest ones; so what is
+// kept is bounded by twice the largest gradient returned. release_buffers() frees them all.
 class BufferPool {
  public:
   static BufferPool& instance() {
@@ -614,70 +614,78 @@ class BufferPool {
     for (int64_t size : sizes) numel *= size;
     const size_t bytes = std::max<size_t>(1, numel * c10::elementSize(dtype));
     void* data = nullptr;
+    size_t block = bytes;
     {
       std::lock_guard<std::mutex> guard(mutex_);
-      auto& list = free_[bytes];
-      if (!list.empty()) {
-        data = list.back();
-        list.pop_back();
-        cached_bytes_ -= bytes;
+      auto best = kept_.end();
+      for (auto it = kept_.begin(); it != kept_.end(); ++it)
+        if (it->first >= bytes && it->first / 2 <= bytes &&
+            (best == kept_.end() || it->first < best->first))
+          best = it;
+      if (best != kept_.end()) {
+        block = best->first;
+        data = best->second;
+        kept_bytes_ -= block;
+        kept_.erase(best);
       }
     }
-    if (data == nullptr) data = c10::alloc_cpu(bytes);
+    if (data == nullptr) data = c10::alloc_cpu(block);
     report(data, static_cast<int64_t>(bytes));
-    return at::from_blob(data, sizes, [this, bytes](void* p) { give_back(p, bytes); },
+    return at::from_blob(data, sizes,
+                         [this, block, bytes](void* p) { give_back(p, block, bytes); },
                          at::TensorOptions().dtype(dtype).device(at::kCPU));
   }
 
-  // Frees every kept buffer; returns their bytes.
+  // Frees every kept block; returns their bytes.
   int64_t release() {
     std::lock_guard<std::mutex> guard(mutex_);
-    const int64_t bytes = cached_bytes_;
-    for (auto& [size, list] : free_)
-      for (void* p : list) c10::free_cpu(p);
-    free_.clear();
-    cached_bytes_ = 0;
+    const int64_t bytes = kept_bytes_;
+    for (const auto& [size, p] : kept_) c10::free_cpu(p);
+    kept_.clear();
+    kept_bytes_ = 0;
     return bytes;
   }
 
-  int64_t cached_bytes() {
+  int64_t kept_bytes() {
     std::lock_guard<std::mutex> guard(mutex_);
-    return cached_bytes_;
+    return kept_bytes_;
   }
 
  private:
-  static constexpr size_t kKeepPerSize = 2;
+  static constexpr size_t kKeep = 2;
 
-  // The tensors' bytes, as torch's CPU allocator reports its own to the profiler, so that memory
-  // measured through it (profile_memory=True) counts a buffer while a tensor holds it, and not
-  // while it is kept here.
+  // A tensor's bytes, as torch's CPU allocator reports its own to the profiler, so that memory
+  // measured through it (profile_memory=True) counts a tensor from here as one of its own, and
+  // not the blocks kept here (nor a block's slack beyond its tensor), as CUDA's caching allocator
+  // does not count what it has reserved.
   void report(void* p, int64_t bytes) {
     int64_t in_use, reserved;
     {
       std::lock_guard<std::mutex> guard(mutex_);
       in_use_bytes_ += bytes;
       in_use = in_use_bytes_;
-      reserved = in_use_bytes_ + cached_bytes_;
+      reserved = in_use_bytes_ + kept_bytes_;
     }
     if (c10::memoryProfilingEnabled())
       c10::reportMemoryUsageToProfiler(p, bytes, in_use, reserved, c10::Device(c10::kCPU));
   }
 
-  void give_back(void* p, size_t bytes) {
+  void give_back(void* p, size_t block, size_t bytes) {
     report(p, -static_cast<int64_t>(bytes));
     std::lock_guard<std::mutex> guard(mutex_);
-    auto& list = free_[bytes];
-    if (list.size() < kKeepPerSize) {
-      list.push_back(p);
-      cached_bytes_ += bytes;
-    } else {
-      c10::free_cpu(p);
+    kept_.emplace_back(block, p);
+    kept_bytes_ += block;
+    if (kept_.size() > kKeep) {
+      auto smallest = std::min_element(kept_.begin(), kept_.end());
+      kept_bytes_ -= smallest->first;
+      c10::free_cpu(smallest->second);
+      kept_.erase(smallest);
     }
   }
 
   std::mutex mutex_;
-  std::unordered_map<size_t, std::vector<void*>> free_;
-  int64_t cached_bytes_ = 0;
+  std::vector<std::pair<size_t, void*>> kept_;  // (bytes, block)
+  int64_t kept_bytes_ = 0;
   int64_t in_use_bytes_ = 0;
 };
 
@@ -688,7 +696,7 @@ at::Tensor reused_empty(std::vector<int64_t> sizes, const at::Tensor& like) {
 
 int64_t release_buffers() { return BufferPool::instance().release(); }
 
-int64_t kept_buffer_bytes() { return BufferPool::instance().cached_bytes(); }
+int64_t kept_buffer_bytes() { return BufferPool::instance().kept_bytes(); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("reused_empty", &reused_empty);
