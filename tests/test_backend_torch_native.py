@@ -233,3 +233,19 @@ def test_kept_buffers_are_bounded_and_serve_smaller_gradients():
     assert float(smaller.sum()) == 2.0 * 1100 * 512
     del smaller
     assert torch_chunked.release_buffers() == kept
+
+
+def test_the_kept_buffers_belong_to_one_build():
+    """Two builds of the loops can be loaded in one process (the benchmark against another
+    revision); a function-local static with external linkage would be one object for both (GCC
+    makes it a unique global symbol), and a build would use the other's pool, of another layout."""
+    _needs_native()
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("readelf (binutils) is not installed")
+    import subprocess
+
+    symbols = subprocess.run([readelf, "-Ws", "--demangle", _native.module().__file__],
+                             capture_output=True, text=True, check=True).stdout
+    shared = [line for line in symbols.splitlines() if "UNIQUE" in line and "BufferPool" in line]
+    assert not shared, shared
