@@ -143,6 +143,10 @@ def main(argv=None) -> int:
                   f"minima {least_after / least_before:.2f}", flush=True)
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True).stdout.strip()
+    # A checkout with changes not committed is not HEAD: say so in the name and the file.
+    if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                      capture_output=True, text=True).stdout.strip():
+        head += "-dirty"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"torch-backend-{head}-vs-{args.against}.json"
