@@ -36,6 +36,11 @@ def test_native_loops_are_built_where_a_compiler_is():
     assert _native.status().startswith("native")
 
 
+def _needs_native():
+    if _native.module() is None:
+        pytest.skip(f"the native loops are not available here: {_native.status()}")
+
+
 def _run(loss, similarity, regime, dtype, native, monkeypatch):
     monkeypatch.setattr(torch_chunked, "NATIVE", native)
     monkeypatch.setattr(torch_chunked, "DEFAULT_CHUNK_ELEMENTS", 4096)
@@ -60,8 +65,7 @@ CASES = [(loss, similarity, regime)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("loss, similarity, regime", CASES)
 def test_native_equals_eager(loss, similarity, regime, dtype, monkeypatch):
-    if _native.module() is None:
-        pytest.skip(f"the native loops are not available here: {_native.status()}")
+    _needs_native()
     native = _run(loss, similarity, regime, dtype, True, monkeypatch)
     eager = _run(loss, similarity, regime, dtype, False, monkeypatch)
     # The same formulas in another order of rounding (vectorised sums, fused multiply-adds).
@@ -117,11 +121,6 @@ def test_gram_matrices_kept_in_the_gradient_are_read_before_it_is_written(loss, 
     got, want = (_value_and_grads(LOSSES[loss], x, labels, w, backend, proxies_per_class=3)
                  for backend in ("torch", "reference"))
     _assert_matches(got, want, 1e-10)
-
-
-def _needs_native():
-    if _native.module() is None:
-        pytest.skip(f"the native loops are not available here: {_native.status()}")
 
 
 def _mpa_step(x, labels, w, scale=1.0):

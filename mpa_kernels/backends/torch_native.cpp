@@ -601,6 +601,7 @@ double finish(const at::Tensor& v, const std::optional<at::Tensor>& gram, const 
 // already: a kept block of at least the size asked for and at most twice it (proxies sampled
 // afresh every step vary in number). At most kKeep blocks are kept, the largest ones; so what is
 // kept is bounded by twice the largest gradient returned. release_buffers() frees them all.
+//
 // In the anonymous namespace: the static in instance() must be this library's own. Where two
 // builds are loaded in one process (a benchmark against another revision), a static of an
 // inline function with external linkage is one object for both (GCC makes it a unique global).
